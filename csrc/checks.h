@@ -1,0 +1,173 @@
+// Host-side argument checks shared by the CPU and CUDA implementations of every op.
+// Each failure is a TORCH_CHECK whose message names the op, the argument, what was expected and
+// what came.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+#include <vector>
+
+namespace learnedopt {
+
+// Sizes of one coordinatewise LSTM layer.
+struct CellDims {
+  int64_t N;  // coordinates
+  int64_t I;  // input size
+  int64_t H;  // hidden size
+};
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (d) s += ", ";
+    s += std::to_string(t.size(d));
+  }
+  return s + "]";
+}
+
+inline std::string indexed(const char* name, int64_t layer) {
+  return layer < 0 ? std::string(name) : std::string(name) + "[" + std::to_string(layer) + "]";
+}
+
+inline void check_defined(const char* op, const std::string& name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got an undefined tensor (None)");
+}
+
+inline void check_shape(const char* op, const std::string& name, const at::Tensor& t,
+                        std::vector<int64_t> expected, const char* meaning) {
+  check_defined(op, name, t);
+  TORCH_CHECK(t.sizes().vec() == expected, op, ": ", name, " must have shape ", meaning, " = ",
+              c10::IntArrayRef(expected), ", got ", shape_str(t));
+}
+
+// Every tensor of an op lives on the device of the first one and has one of the allowed dtypes.
+// x/h/c ("state") share one dtype; weights share the state's dtype, or are float32 when the state is
+// a 16-bit type on CUDA (compute is always in float32 or float64).
+inline void check_device(const char* op, const std::string& name, const at::Tensor& t,
+                         const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the same device as ",
+              ref_name, " (", ref.device(), "), got ", t.device());
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got layout ",
+              t.layout());
+}
+
+inline void check_state_dtype(const char* op, const std::string& name, const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  if (t.is_cuda()) {
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
+                ": ", name, " must be float32, float64, bfloat16 or float16 on CUDA, got ", st);
+  } else {
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble, op, ": ", name,
+                " must be float32 or float64 on CPU, got ", st);
+  }
+}
+
+inline void check_same_dtype(const char* op, const std::string& name, const at::Tensor& t,
+                             const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ",
+              ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+inline void check_weight_dtype(const char* op, const std::string& name, const at::Tensor& w,
+                               const at::Tensor& x) {
+  const bool low = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  TORCH_CHECK(w.scalar_type() == x.scalar_type() || (low && w.scalar_type() == at::kFloat), op, ": ",
+              name, " must have the dtype of x (", x.scalar_type(), ")",
+              low ? " or float32" : "", ", got ", w.scalar_type());
+}
+
+// Checks one layer: h, c [N, H]; w_ih [4H, I]; w_hh [4H, H]; b [4H]. `layer` < 0 for the
+// single-cell op (names without an index). `x` is the op's input, the reference for device/dtype.
+inline CellDims check_layer(const char* op, int64_t layer, int64_t N, int64_t I, const at::Tensor& x,
+                            const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih,
+                            const at::Tensor& w_hh, const at::Tensor& b) {
+  const auto hn = indexed("h", layer);
+  check_defined(op, hn, h);
+  TORCH_CHECK(h.dim() == 2, op, ": ", hn, " must be a 2-D tensor [N, H], got a ", h.dim(),
+              "-D tensor of shape ", shape_str(h));
+  TORCH_CHECK(h.size(0) == N, op, ": ", hn, " must have N = ", N, " rows (the rows of x), got shape ",
+              shape_str(h));
+  const int64_t H = h.size(1);
+  TORCH_CHECK(H >= 1, op, ": ", hn, " must have a hidden size H >= 1, got shape ", shape_str(h));
+  check_shape(op, indexed("c", layer), c, {N, H}, "[N, H]");
+  check_shape(op, indexed("w_ih", layer), w_ih, {4 * H, I}, "[4*H, I]");
+  check_shape(op, indexed("w_hh", layer), w_hh, {4 * H, H}, "[4*H, H]");
+  check_shape(op, indexed("b", layer), b, {4 * H}, "[4*H]");
+  for (auto& [name, t] : std::vector<std::pair<std::string, const at::Tensor*>>{
+           {hn, &h}, {indexed("c", layer), &c}}) {
+    check_device(op, name, *t, x, "x");
+    check_same_dtype(op, name, *t, x, "x");
+  }
+  for (auto& [name, t] : std::vector<std::pair<std::string, const at::Tensor*>>{
+           {indexed("w_ih", layer), &w_ih}, {indexed("w_hh", layer), &w_hh}, {indexed("b", layer), &b}}) {
+    check_device(op, name, *t, x, "x");
+    check_weight_dtype(op, name, *t, x);
+  }
+  TORCH_CHECK(w_ih.scalar_type() == w_hh.scalar_type() && w_ih.scalar_type() == b.scalar_type(), op,
+              ": ", indexed("w_ih", layer), ", ", indexed("w_hh", layer), " and ", indexed("b", layer),
+              " must share one dtype, got ", w_ih.scalar_type(), ", ", w_hh.scalar_type(), " and ",
+              b.scalar_type());
+  return {N, I, H};
+}
+
+inline void check_input(const char* op, const at::Tensor& x) {
+  check_defined(op, "x", x);
+  TORCH_CHECK(x.dim() == 2, op, ": x must be a 2-D tensor [N, I], got a ", x.dim(),
+              "-D tensor of shape ", shape_str(x));
+  TORCH_CHECK(x.size(1) >= 1, op, ": x must have an input size I >= 1, got shape ", shape_str(x));
+  TORCH_CHECK(x.layout() == at::kStrided, op, ": x must be a dense (strided) tensor, got layout ",
+              x.layout());
+  check_state_dtype(op, "x", x);
+}
+
+// The single-cell op.
+inline CellDims check_cell(const char* op, const at::Tensor& x, const at::Tensor& h,
+                           const at::Tensor& c, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const at::Tensor& b) {
+  check_input(op, x);
+  return check_layer(op, -1, x.size(0), x.size(1), x, h, c, w_ih, w_hh, b);
+}
+
+// Incoming gradient of an output: same shape/device/dtype as the output it belongs to.
+inline void check_grad(const char* op, const std::string& name, const at::Tensor& g,
+                       const at::Tensor& like, const char* like_name) {
+  check_defined(op, name, g);
+  TORCH_CHECK(g.sizes() == like.sizes(), op, ": ", name, " must have the shape of ", like_name, " ",
+              shape_str(like), ", got ", shape_str(g));
+  check_device(op, name, g, like, like_name);
+  check_same_dtype(op, name, g, like, like_name);
+}
+
+// The multi-layer op: L layers (all lists of length L >= 1), read-out w_out [O, H_last], b_out [O].
+inline std::vector<CellDims> check_stack(const char* op, const at::Tensor& x, at::TensorList h,
+                                         at::TensorList c, at::TensorList w_ih, at::TensorList w_hh,
+                                         at::TensorList b, const at::Tensor& w_out,
+                                         const at::Tensor& b_out) {
+  check_input(op, x);
+  const int64_t L = static_cast<int64_t>(h.size());
+  TORCH_CHECK(L >= 1, op, ": h must hold one tensor per layer (at least one layer), got an empty list");
+  TORCH_CHECK(static_cast<int64_t>(c.size()) == L && static_cast<int64_t>(w_ih.size()) == L &&
+                  static_cast<int64_t>(w_hh.size()) == L && static_cast<int64_t>(b.size()) == L,
+              op, ": h, c, w_ih, w_hh and b must all hold one tensor per layer, got lengths ", h.size(),
+              ", ", c.size(), ", ", w_ih.size(), ", ", w_hh.size(), " and ", b.size());
+  std::vector<CellDims> dims;
+  int64_t I = x.size(1);
+  for (int64_t l = 0; l < L; ++l) {
+    dims.push_back(check_layer(op, l, x.size(0), I, x, h[l], c[l], w_ih[l], w_hh[l], b[l]));
+    I = dims.back().H;
+  }
+  check_defined(op, "w_out", w_out);
+  TORCH_CHECK(w_out.dim() == 2 && w_out.size(1) == I && w_out.size(0) >= 1, op,
+              ": w_out must have shape [O, H_last] with O >= 1 and H_last = ", I,
+              " (the hidden size of the last layer), got ", shape_str(w_out));
+  check_shape(op, "b_out", b_out, {w_out.size(0)}, "[O]");
+  check_device(op, "w_out", w_out, x, "x");
+  check_device(op, "b_out", b_out, x, "x");
+  check_weight_dtype(op, "w_out", w_out, x);
+  check_same_dtype(op, "b_out", b_out, w_out, "w_out");
+  return dims;
+}
+
+}  // namespace learnedopt

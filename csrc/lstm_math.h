@@ -1,0 +1,92 @@
+// Per-element maths of the coordinatewise LSTM cell, shared by the CPU and CUDA kernels.
+//
+// One definition per formula. Every function is a template on the value type T, which is
+// float or double on both CPU and CUDA, and at::vec::Vectorized<float/double> in the CPU
+// kernels (see cpu/vec_math.h for the MathOps specialisation that makes that work).
+//
+// Gate order is (i, f, g, o), exactly as torch.nn.LSTMCell:
+//   i = sigmoid(z_i)  f = sigmoid(z_f)  g = tanh(z_g)  o = sigmoid(z_o)
+//   c' = f * c + i * g
+//   h' = o * tanh(c')
+// where z = x W_ih^T + h W_hh^T + b (one bias; nn.LSTMCell's b_ih + b_hh folded into it).
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <cmath>
+
+namespace learnedopt {
+
+// Transcendentals used by the cell. Specialised for SIMD vector types in the CPU kernels.
+template <typename T>
+struct MathOps;
+
+template <>
+struct MathOps<float> {
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE float exp(float x) { return ::expf(x); }
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE float tanh(float x) { return ::tanhf(x); }
+};
+
+template <>
+struct MathOps<double> {
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE double exp(double x) { return ::exp(x); }
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE double tanh(double x) { return ::tanh(x); }
+};
+
+// sigmoid(x) = 1 / (1 + exp(-x)); exp(-x) overflows to inf for x < -88 (float), giving 0.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T lo_sigmoid(T x) {
+  return T(1) / (T(1) + MathOps<T>::exp(T(0) - x));
+}
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T lo_tanh(T x) {
+  return MathOps<T>::tanh(x);
+}
+
+// The activated gates and new cell of one LSTM unit; everything the backward pass needs.
+template <typename T>
+struct LstmUnit {
+  T i, f, g, o;  // activated gates
+  T c_new;       // c' = f c + i g
+  T tanh_c_new;  // tanh(c')
+  T h_new;       // h' = o tanh(c')
+};
+
+// Forward of one unit from its four pre-activations (z_i, z_f, z_g, z_o) and old cell c.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE LstmUnit<T> lstm_unit_forward(T zi, T zf, T zg, T zo, T c) {
+  LstmUnit<T> u;
+  u.i = lo_sigmoid(zi);
+  u.f = lo_sigmoid(zf);
+  u.g = lo_tanh(zg);
+  u.o = lo_sigmoid(zo);
+  u.c_new = u.f * c + u.i * u.g;
+  u.tanh_c_new = lo_tanh(u.c_new);
+  u.h_new = u.o * u.tanh_c_new;
+  return u;
+}
+
+// Gradients of one unit: d(loss)/d(z_i, z_f, z_g, z_o) and d(loss)/dc (old cell), given the
+// unit's forward values, its old cell c and the incoming gradients dh' and dc'.
+template <typename T>
+struct LstmUnitGrad {
+  T dzi, dzf, dzg, dzo;
+  T dc;
+};
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE LstmUnitGrad<T> lstm_unit_backward(
+    const LstmUnit<T>& u, T c, T dh_new, T dc_new) {
+  LstmUnitGrad<T> d;
+  const T one(1);
+  // total gradient reaching c' (directly, and through h' = o tanh(c'))
+  const T dct = dc_new + dh_new * u.o * (one - u.tanh_c_new * u.tanh_c_new);
+  d.dzi = dct * u.g * u.i * (one - u.i);
+  d.dzf = dct * c * u.f * (one - u.f);
+  d.dzg = dct * u.i * (one - u.g * u.g);
+  d.dzo = dh_new * u.tanh_c_new * u.o * (one - u.o);
+  d.dc = dct * u.f;
+  return d;
+}
+
+}  // namespace learnedopt

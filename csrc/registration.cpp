@@ -1,0 +1,37 @@
+// Schemas of every op of learnedopt, defined once. Kernels register themselves for the CPU
+// dispatch key in cpu/*.cpp and for the CUDA key in cuda/*.cu (only built when CUDA is).
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing learnedopt._C loads this library so that the static registrations below run. It holds
+// no Python functions: everything is reached through torch.ops.learnedopt.*.
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "learnedopt's C++/CUDA kernels (reach them via torch.ops.learnedopt)",
+      -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(learnedopt, m) {
+  // One LSTM cell applied independently to N coordinates with shared weights.
+  // x [N, I], h [N, H], c [N, H], w_ih [4H, I], w_hh [4H, H], b [4H]; gate order (i, f, g, o)
+  // as torch.nn.LSTMCell, with one bias b (= b_ih + b_hh of nn.LSTMCell).
+  m.def("coord_lstm(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor b) -> (Tensor, Tensor)");
+  // Gradients of coord_lstm: (dx, dh, dc, dw_ih, dw_hh, db). Recomputes the gates from the inputs.
+  m.def(
+      "coord_lstm_backward(Tensor grad_h_new, Tensor grad_c_new, Tensor x, Tensor h, Tensor c, "
+      "Tensor w_ih, Tensor w_hh, Tensor b) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // A stack of L cells (layer l > 0 takes layer l-1's new h as input) and a linear read-out
+  // y = h_new[L-1] w_out^T + b_out. Returns (y [N, O], h_new list, c_new list).
+  m.def(
+      "coord_lstm_stack(Tensor x, Tensor[] h, Tensor[] c, Tensor[] w_ih, Tensor[] w_hh, Tensor[] b, "
+      "Tensor w_out, Tensor b_out) -> (Tensor, Tensor[], Tensor[])");
+  // Gradients of coord_lstm_stack:
+  // (dx, dh list, dc list, dw_ih list, dw_hh list, db list, dw_out, db_out).
+  m.def(
+      "coord_lstm_stack_backward(Tensor grad_y, Tensor[] grad_h_new, Tensor[] grad_c_new, Tensor x, "
+      "Tensor[] h, Tensor[] c, Tensor[] w_ih, Tensor[] w_hh, Tensor[] b, Tensor w_out, Tensor b_out) "
+      "-> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor, Tensor)");
+}
