@@ -99,7 +99,9 @@ if use_cuda:
 
 debug = os.environ.get("LEARNEDOPT_DEBUG", "0") == "1"
 opt = ["-O0", "-g"] if debug else ["-O3"]
-cxx_flags = opt + ["-fdiagnostics-color=always", "-Wall", "-Wno-unknown-pragmas"]
+# -fopenmp: at::parallel_for is an inline OpenMP loop (torch builds with AT_PARALLEL_OPENMP); without
+# it the CPU kernels silently run on one thread. The library resolves to torch's own libgomp.so.1.
+cxx_flags = opt + ["-fdiagnostics-color=always", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"]
 isa = os.environ.get("LEARNEDOPT_CPU_ISA", "avx2")
 if platform.machine() in ("x86_64", "AMD64") and isa == "avx2":
     # at::vec picks its implementation from CPU_CAPABILITY; AVX2 + FMA is on every x86-64 server
@@ -132,6 +134,7 @@ ext = Extension(
     include_dirs=include_dirs,
     define_macros=define_macros,
     extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    extra_link_args=["-fopenmp"],
 )
 
 setup(

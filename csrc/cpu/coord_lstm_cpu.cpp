@@ -1,13 +1,16 @@
 // CPU kernels of the coordinatewise LSTM ops.
 //
-// The N coordinates are cut into blocks of a fixed number of rows (it depends only on H, never on
-// the thread count). Each block runs start to finish on one thread with its scratch in cache:
-//   gates   = b + x_blk W_ih^T + h_blk W_hh^T          (BLAS, through at::addmm)
-//   per-unit maths of lstm_math.h on SIMD vectors      (at::vec)
-// Backward recomputes the gates of a block instead of storing them (4H numbers per coordinate),
-// then dz = dL/d(gates), dx = dz W_ih, dh = dz W_hh, and writes the block's weight-gradient
-// partials dz^T x, dz^T h, sum(dz) into its own slot. The partials are summed in block order
-// afterwards: the weight gradients are deterministic and independent of the thread count.
+// The N coordinates are cut into blocks of a fixed number of rows B (it depends only on the hidden
+// sizes, never on the thread count). Each block runs start to finish on one thread with its
+// scratch in cache. Inside a block everything is kept "unit-major" (transposed, [units, B]) so the
+// per-unit maths of lstm_math.h runs on full SIMD vectors along the coordinates:
+//   gates^T [4H, B] = b + W_ih x_blk^T + W_hh h_blk^T        (BLAS, through at::addmm)
+//   i, f, g, o, c', h' = lstm_unit_forward(...)               (at::vec, over the flat [H*B])
+// The backward pass recomputes the gates of a block instead of storing them (4H numbers per
+// coordinate), forms dz^T = dL/d(gates)^T, then dx = dz W_ih, dh = dz W_hh and the block's
+// weight-gradient partials dz^T x, dz^T h, sum(dz), each in its own slot. The partials are summed
+// in block order at the end, so weight gradients are deterministic and independent of the thread
+// count (no atomics, no thread-dependent reduction order).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,65 +26,56 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Rows per block: the gate scratch of a block (rows x 4H) stays around 256 KB for float32.
+// Rows per block: the gate scratch of a block (4H x B) stays around 256 KB in float32; a multiple
+// of 16 so every row of a unit-major [units, B] tile starts on a vector boundary.
 int64_t rows_per_block(int64_t max_H) {
-  return std::clamp<int64_t>(65536 / (4 * max_H), 16, 1024);
+  return std::clamp<int64_t>(65536 / (4 * max_H), 16, 1024) / 16 * 16;
 }
 
-// gates [B, 4H]: pre-activations in, activated (i, f, g, o) out. Writes c_new, h_new and
-// tanh(c_new) where the pointer is non-null. All row-major, contiguous.
+// Unit-major forward of one block: M = H*B values per gate. gates [4M] = (z_i, z_f, z_g, z_o)
+// pre-activations in, activated (i, f, g, o) out. c [M] in; c_new, h_new, tanh_c_new [M] out
+// where non-null.
 template <typename scalar_t>
-void pointwise_forward(int64_t B, int64_t H, scalar_t* gates, const scalar_t* c, scalar_t* c_new,
-                       scalar_t* h_new, scalar_t* tanh_c_new) {
+void pointwise_forward(int64_t M, scalar_t* gates, const scalar_t* c, scalar_t* c_new, scalar_t* h_new,
+                       scalar_t* tanh_c_new) {
   using V = Vectorized<scalar_t>;
   constexpr int64_t VS = V::size();
-  for (int64_t r = 0; r < B; ++r) {
-    scalar_t* z = gates + r * 4 * H;
-    const int64_t o = r * H;
-    for (int64_t j = 0; j < H; j += VS) {
-      const int64_t n = std::min<int64_t>(VS, H - j);
-      const auto u = lstm_unit_forward(V::loadu(z + j, n), V::loadu(z + H + j, n),
-                                       V::loadu(z + 2 * H + j, n), V::loadu(z + 3 * H + j, n),
-                                       V::loadu(c + o + j, n));
-      u.i.store(z + j, n);
-      u.f.store(z + H + j, n);
-      u.g.store(z + 2 * H + j, n);
-      u.o.store(z + 3 * H + j, n);
-      if (c_new) u.c_new.store(c_new + o + j, n);
-      if (h_new) u.h_new.store(h_new + o + j, n);
-      if (tanh_c_new) u.tanh_c_new.store(tanh_c_new + o + j, n);
-    }
+  scalar_t *zi = gates, *zf = gates + M, *zg = gates + 2 * M, *zo = gates + 3 * M;
+  for (int64_t e = 0; e < M; e += VS) {
+    const int64_t n = std::min<int64_t>(VS, M - e);
+    const auto u = lstm_unit_forward(V::loadu(zi + e, n), V::loadu(zf + e, n), V::loadu(zg + e, n),
+                                     V::loadu(zo + e, n), V::loadu(c + e, n));
+    u.i.store(zi + e, n);
+    u.f.store(zf + e, n);
+    u.g.store(zg + e, n);
+    u.o.store(zo + e, n);
+    if (c_new) u.c_new.store(c_new + e, n);
+    if (h_new) u.h_new.store(h_new + e, n);
+    if (tanh_c_new) u.tanh_c_new.store(tanh_c_new + e, n);
   }
 }
 
-// From activated gates [B, 4H], old cell c, tanh(c_new) and incoming dh_new, dc_new (all [B, H])
-// to dz [B, 4H] (gradient of the pre-activations) and dc [B, H]. dc_new may be null (zero).
+// Unit-major backward of one block: from activated gates act [4M], old cell c, tanh(c_new) and the
+// incoming dh_new, dc_new [M] to dz [4M] (gradient of the pre-activations) and dc [M].
 template <typename scalar_t>
-void pointwise_backward(int64_t B, int64_t H, const scalar_t* act, const scalar_t* c,
-                        const scalar_t* tanh_c_new, const scalar_t* dh_new, const scalar_t* dc_new,
-                        scalar_t* dz, scalar_t* dc) {
+void pointwise_backward(int64_t M, const scalar_t* act, const scalar_t* c, const scalar_t* tanh_c_new,
+                        const scalar_t* dh_new, const scalar_t* dc_new, scalar_t* dz, scalar_t* dc) {
   using V = Vectorized<scalar_t>;
   constexpr int64_t VS = V::size();
-  for (int64_t r = 0; r < B; ++r) {
-    const scalar_t* a = act + r * 4 * H;
-    scalar_t* d = dz + r * 4 * H;
-    const int64_t o = r * H;
-    for (int64_t j = 0; j < H; j += VS) {
-      const int64_t n = std::min<int64_t>(VS, H - j);
-      LstmUnit<V> u;
-      u.i = V::loadu(a + j, n);
-      u.f = V::loadu(a + H + j, n);
-      u.g = V::loadu(a + 2 * H + j, n);
-      u.o = V::loadu(a + 3 * H + j, n);
-      u.tanh_c_new = V::loadu(tanh_c_new + o + j, n);
-      const V dcn = dc_new ? V::loadu(dc_new + o + j, n) : V(scalar_t(0));
-      const auto g = lstm_unit_backward(u, V::loadu(c + o + j, n), V::loadu(dh_new + o + j, n), dcn);
-      g.dzi.store(d + j, n);
-      g.dzf.store(d + H + j, n);
-      g.dzg.store(d + 2 * H + j, n);
-      g.dzo.store(d + 3 * H + j, n);
-      g.dc.store(dc + o + j, n);
-    }
+  for (int64_t e = 0; e < M; e += VS) {
+    const int64_t n = std::min<int64_t>(VS, M - e);
+    LstmUnit<V> u;
+    u.i = V::loadu(act + e, n);
+    u.f = V::loadu(act + M + e, n);
+    u.g = V::loadu(act + 2 * M + e, n);
+    u.o = V::loadu(act + 3 * M + e, n);
+    u.tanh_c_new = V::loadu(tanh_c_new + e, n);
+    const auto g = lstm_unit_backward(u, V::loadu(c + e, n), V::loadu(dh_new + e, n), V::loadu(dc_new + e, n));
+    g.dzi.store(dz + e, n);
+    g.dzf.store(dz + M + e, n);
+    g.dzg.store(dz + 2 * M + e, n);
+    g.dzo.store(dz + 3 * M + e, n);
+    g.dc.store(dc + e, n);
   }
 }
 
@@ -106,50 +100,123 @@ void sum_parts_in_order(const Tensor& parts, const Tensor& out) {
 void mm_into(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
 // out = self + a @ b
 void addmm_into(Tensor out, const Tensor& self, const Tensor& a, const Tensor& b) { at::addmm_out(out, self, a, b); }
-// out = sum of a's rows
-void sum_rows_into(Tensor out, const Tensor& a) { at::sum_out(out, a, {0}); }
+void copy_into(Tensor out, const Tensor& src) { out.copy_(src); }
+// out = sum of a over dimension dim
+void sum_into(Tensor out, const Tensor& a, int64_t dim) { at::sum_out(out, a, {dim}); }
 
-// One layer's weights, views of a block's rows, and its per-block scratch.
+// One layer: weights (contiguous) and old state [N, H] (contiguous).
 struct Layer {
-  Tensor w_ih, w_hh, b;   // [4H, I], [4H, H], [4H] (contiguous)
-  Tensor h, c;            // [N, H] old state (contiguous)
+  Tensor w_ih, w_hh, b;  // [4H, I], [4H, H], [4H]
+  Tensor h, c;           // [N, H]
   int64_t H;
 };
 
-// gates_blk = b + z_blk W_ih^T + h_blk W_hh^T; then the activations and new state.
+// Unit-major scratch of one layer for one block of up to `rows` coordinates.
+struct LayerScratch {
+  Tensor gates;  // [4H * rows]: pre-activations, then activated gates
+  Tensor cT;     // [H * rows]: old cell
+  Tensor tcT;    // [H * rows]: tanh(c_new)
+  Tensor hnT;    // [H * rows]: h_new
+  Tensor cnT;    // [H * rows]: c_new
+  LayerScratch(int64_t H, int64_t rows, const at::TensorOptions& opt)
+      : gates(at::empty({4 * H * rows}, opt)), cT(at::empty({H * rows}, opt)), tcT(at::empty({H * rows}, opt)),
+        hnT(at::empty({H * rows}, opt)), cnT(at::empty({H * rows}, opt)) {}
+  // [units, B] views of the first units*B elements
+  static Tensor tile(const Tensor& buf, int64_t units, int64_t B) { return buf.narrow(0, 0, units * B).view({units, B}); }
+};
+
+// All scratch of one thread for a stack of layers. Backward adds, unit-major: dL/dh_new per layer,
+// and dz (4H*rows), dL/dc_new, dL/dc (H*rows) shared by the layers.
+struct BlockScratch {
+  std::vector<LayerScratch> layer;
+  std::vector<Tensor> dhnT;
+  Tensor dz, dcnT, dcT;
+  BlockScratch(const std::vector<Layer>& layers, int64_t rows, const at::TensorOptions& opt, bool backward) {
+    int64_t maxH = 1;
+    for (const auto& L : layers) {
+      layer.emplace_back(L.H, rows, opt);
+      if (backward) dhnT.push_back(at::empty({L.H * rows}, opt));
+      maxH = std::max(maxH, L.H);
+    }
+    if (backward) {
+      dz = at::empty({4 * maxH * rows}, opt);
+      dcnT = at::empty({maxH * rows}, opt);
+      dcT = at::empty({maxH * rows}, opt);
+    }
+  }
+};
+
+// Forward of one layer on one block of B rows starting at r0, given the block's input zT [I, B]
+// (any strides). Leaves the activated gates, tanh(c_new), h_new^T and c_new^T in the scratch.
 template <typename scalar_t>
-void layer_forward_block(const Layer& L, const Tensor& z_blk, const Tensor& h_blk, const Tensor& c_blk,
-                         const Tensor& gates_blk, scalar_t* c_new, scalar_t* h_new, scalar_t* tanh_c_new) {
-  addmm_into(gates_blk, L.b, z_blk, L.w_ih.t());
-  gates_blk.addmm_(h_blk, L.w_hh.t());
-  pointwise_forward<scalar_t>(z_blk.size(0), L.H, gates_blk.mutable_data_ptr<scalar_t>(),
-                              c_blk.const_data_ptr<scalar_t>(), c_new, h_new, tanh_c_new);
+void layer_forward_block(const Layer& L, LayerScratch& s, int64_t r0, int64_t B, const Tensor& zT) {
+  const int64_t H = L.H;
+  Tensor gT = LayerScratch::tile(s.gates, 4 * H, B);
+  addmm_into(gT, L.b.unsqueeze(1), L.w_ih, zT);
+  gT.addmm_(L.w_hh, L.h.narrow(0, r0, B).t());
+  copy_into(LayerScratch::tile(s.cT, H, B), L.c.narrow(0, r0, B).t());
+  pointwise_forward<scalar_t>(H * B, s.gates.mutable_data_ptr<scalar_t>(), s.cT.const_data_ptr<scalar_t>(),
+                              s.cnT.mutable_data_ptr<scalar_t>(), s.hnT.mutable_data_ptr<scalar_t>(),
+                              s.tcT.mutable_data_ptr<scalar_t>());
 }
 
-CellDims check_and_dims(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih,
-                        const Tensor& w_hh, const Tensor& b, const char* op) {
-  return check_cell(op, x, h, c, w_ih, w_hh, b);
+// Backward of one layer on one block, after layer_forward_block filled `s`. dhnT, dcnT [H*B]
+// (unit-major) hold dL/dh_new, dL/dc_new of the block; dz [4H*B] is scratch; dcT [H*B] receives
+// dL/dc (unit-major).
+template <typename scalar_t>
+void layer_backward_pointwise(const Layer& L, LayerScratch& s, int64_t B, const Tensor& dhnT, const Tensor& dcnT,
+                              const Tensor& dz, const Tensor& dcT) {
+  pointwise_backward<scalar_t>(L.H * B, s.gates.const_data_ptr<scalar_t>(), s.cT.const_data_ptr<scalar_t>(),
+                               s.tcT.const_data_ptr<scalar_t>(), dhnT.const_data_ptr<scalar_t>(),
+                               dcnT.const_data_ptr<scalar_t>(), dz.mutable_data_ptr<scalar_t>(),
+                               dcT.mutable_data_ptr<scalar_t>());
+}
+
+// Weight-gradient partials of one layer for one block: dzT [4H, B], zT [I, B] the layer input.
+void layer_weight_partials(const Layer& L, int64_t r0, int64_t B, const Tensor& dzT, const Tensor& zT,
+                           const Tensor& p_ih, const Tensor& p_hh, const Tensor& p_b) {
+  mm_into(p_ih, dzT, zT.t());
+  mm_into(p_hh, dzT, L.h.narrow(0, r0, B));
+  sum_into(p_b, dzT, 1);
+}
+
+Layer make_layer(const Tensor& h, const Tensor& c, const Tensor& w_ih, const Tensor& w_hh, const Tensor& b,
+                 int64_t H) {
+  return {w_ih.contiguous(), w_hh.contiguous(), b.contiguous(), h.contiguous(), c.contiguous(), H};
+}
+
+int64_t num_blocks(int64_t N, int64_t rpb) { return (N + rpb - 1) / rpb; }
+
+// Scratch for each thread of the pool, allocated by the calling thread before at::parallel_for:
+// allocations made (and freed) inside the pool's threads went to fresh mmaps on every call, and
+// their page faults serialised the threads (measured: 2 threads slower than 1).
+std::vector<BlockScratch> per_thread_scratch(const std::vector<Layer>& layers, int64_t rows,
+                                             const at::TensorOptions& opt, bool backward) {
+  std::vector<BlockScratch> all;
+  for (int t = 0; t < at::get_num_threads(); ++t) all.emplace_back(layers, rows, opt, backward);
+  return all;
 }
 
 std::tuple<Tensor, Tensor> coord_lstm_cpu(const Tensor& x_, const Tensor& h_, const Tensor& c_,
                                           const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& b_) {
-  const auto d = check_and_dims(x_, h_, c_, w_ih_, w_hh_, b_, "learnedopt::coord_lstm");
+  const auto d = check_cell("learnedopt::coord_lstm", x_, h_, c_, w_ih_, w_hh_, b_);
   at::AutoDispatchBelowADInplaceOrView guard;
   const Tensor x = x_.contiguous();
-  const Layer L{w_ih_.contiguous(), w_hh_.contiguous(), b_.contiguous(), h_.contiguous(), c_.contiguous(), d.H};
+  const Layer L = make_layer(h_, c_, w_ih_, w_hh_, b_, d.H);
+  const int64_t rpb = rows_per_block(d.H);
+  auto scratch = per_thread_scratch({L}, rpb, x.options(), /*backward=*/false);
   Tensor h_new = at::empty({d.N, d.H}, x.options());
   Tensor c_new = at::empty({d.N, d.H}, x.options());
-  if (d.N == 0) return {h_new, c_new};
-  const int64_t rpb = rows_per_block(d.H);
-  const int64_t nblocks = (d.N + rpb - 1) / rpb;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "learnedopt_coord_lstm_cpu", [&] {
-    at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
-      Tensor gates = at::empty({rpb, 4 * d.H}, x.options());
+    at::parallel_for(0, num_blocks(d.N, rpb), 1, [&](int64_t k0, int64_t k1) {
+      // Dispatcher thread-local state (below autograd) is not inherited by the pool's threads.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      LayerScratch& s = scratch[at::get_thread_num()].layer[0];
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t r0 = k * rpb, B = std::min(rpb, d.N - r0);
-        layer_forward_block<scalar_t>(L, x.narrow(0, r0, B), L.h.narrow(0, r0, B), L.c.narrow(0, r0, B),
-                                      gates.narrow(0, 0, B), c_new.mutable_data_ptr<scalar_t>() + r0 * d.H,
-                                      h_new.mutable_data_ptr<scalar_t>() + r0 * d.H, nullptr);
+        layer_forward_block<scalar_t>(L, s, r0, B, x.narrow(0, r0, B).t());
+        copy_into(h_new.narrow(0, r0, B), LayerScratch::tile(s.hnT, d.H, B).t());
+        copy_into(c_new.narrow(0, r0, B), LayerScratch::tile(s.cnT, d.H, B).t());
       }
     });
   });
@@ -160,41 +227,42 @@ CellGrads coord_lstm_backward_cpu(const Tensor& grad_h_new, const Tensor& grad_c
                                   const Tensor& h_, const Tensor& c_, const Tensor& w_ih_,
                                   const Tensor& w_hh_, const Tensor& b_) {
   const char* op = "learnedopt::coord_lstm_backward";
-  const auto d = check_and_dims(x_, h_, c_, w_ih_, w_hh_, b_, op);
+  const auto d = check_cell(op, x_, h_, c_, w_ih_, w_hh_, b_);
   check_grad(op, "grad_h_new", grad_h_new, h_, "h");
   check_grad(op, "grad_c_new", grad_c_new, c_, "c");
   at::AutoDispatchBelowADInplaceOrView guard;
   const Tensor x = x_.contiguous();
-  const Layer L{w_ih_.contiguous(), w_hh_.contiguous(), b_.contiguous(), h_.contiguous(), c_.contiguous(), d.H};
-  const Tensor dhn = grad_h_new.contiguous(), dcn = grad_c_new.contiguous();
+  const Layer L = make_layer(h_, c_, w_ih_, w_hh_, b_, d.H);
+  const Tensor ghn = grad_h_new.contiguous(), gcn = grad_c_new.contiguous();
   Tensor dx = at::empty({d.N, d.I}, x.options());
   Tensor dh = at::empty({d.N, d.H}, x.options());
   Tensor dc = at::empty({d.N, d.H}, x.options());
   const int64_t rpb = rows_per_block(d.H);
-  const int64_t nblocks = (d.N + rpb - 1) / rpb;
+  const int64_t nb = num_blocks(d.N, rpb), nparts = std::max<int64_t>(nb, 1);
+  auto scratch = per_thread_scratch({L}, rpb, x.options(), /*backward=*/true);
   const auto wopt = L.w_ih.options();
-  Tensor p_ih = at::zeros({std::max<int64_t>(nblocks, 1), 4 * d.H, d.I}, wopt);
-  Tensor p_hh = at::zeros({std::max<int64_t>(nblocks, 1), 4 * d.H, d.H}, wopt);
-  Tensor p_b = at::zeros({std::max<int64_t>(nblocks, 1), 4 * d.H}, wopt);
+  Tensor p_ih = at::zeros({nparts, 4 * d.H, d.I}, wopt);
+  Tensor p_hh = at::zeros({nparts, 4 * d.H, d.H}, wopt);
+  Tensor p_b = at::zeros({nparts, 4 * d.H}, wopt);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "learnedopt_coord_lstm_backward_cpu", [&] {
-    at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
-      Tensor gates = at::empty({rpb, 4 * d.H}, x.options());
-      Tensor dz = at::empty({rpb, 4 * d.H}, x.options());
-      Tensor tc = at::empty({rpb, d.H}, x.options());
+    at::parallel_for(0, nb, 1, [&](int64_t k0, int64_t k1) {
+      // Dispatcher thread-local state (below autograd) is not inherited by the pool's threads.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      BlockScratch& bs = scratch[at::get_thread_num()];
+      LayerScratch& s = bs.layer[0];
+      const Tensor &dz = bs.dz, &dhnT = bs.dhnT[0], &dcnT = bs.dcnT, &dcT = bs.dcT;
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t r0 = k * rpb, B = std::min(rpb, d.N - r0);
-        const Tensor xb = x.narrow(0, r0, B), hb = L.h.narrow(0, r0, B), cb = L.c.narrow(0, r0, B);
-        const Tensor gb = gates.narrow(0, 0, B), dzb = dz.narrow(0, 0, B);
-        layer_forward_block<scalar_t>(L, xb, hb, cb, gb, nullptr, nullptr, tc.mutable_data_ptr<scalar_t>());
-        pointwise_backward<scalar_t>(B, d.H, gb.const_data_ptr<scalar_t>(), cb.const_data_ptr<scalar_t>(),
-                                     tc.const_data_ptr<scalar_t>(), dhn.const_data_ptr<scalar_t>() + r0 * d.H,
-                                     dcn.const_data_ptr<scalar_t>() + r0 * d.H, dzb.mutable_data_ptr<scalar_t>(),
-                                     dc.mutable_data_ptr<scalar_t>() + r0 * d.H);
-        mm_into(dx.narrow(0, r0, B), dzb, L.w_ih);
-        mm_into(dh.narrow(0, r0, B), dzb, L.w_hh);
-        mm_into(p_ih[k], dzb.t(), xb);
-        mm_into(p_hh[k], dzb.t(), hb);
-        sum_rows_into(p_b[k], dzb);
+        const Tensor xT = x.narrow(0, r0, B).t();
+        layer_forward_block<scalar_t>(L, s, r0, B, xT);
+        copy_into(LayerScratch::tile(dhnT, d.H, B), ghn.narrow(0, r0, B).t());
+        copy_into(LayerScratch::tile(dcnT, d.H, B), gcn.narrow(0, r0, B).t());
+        layer_backward_pointwise<scalar_t>(L, s, B, dhnT, dcnT, dz, dcT);
+        const Tensor dzT = LayerScratch::tile(dz, 4 * d.H, B);
+        copy_into(dc.narrow(0, r0, B), LayerScratch::tile(dcT, d.H, B).t());
+        mm_into(dx.narrow(0, r0, B), dzT.t(), L.w_ih);
+        mm_into(dh.narrow(0, r0, B), dzT.t(), L.w_hh);
+        layer_weight_partials(L, r0, B, dzT, xT, p_ih[k], p_hh[k], p_b[k]);
       }
     });
   });
@@ -208,9 +276,7 @@ CellGrads coord_lstm_backward_cpu(const Tensor& grad_h_new, const Tensor& grad_c
 std::vector<Layer> make_layers(TensorList h, TensorList c, TensorList w_ih, TensorList w_hh, TensorList b,
                                const std::vector<CellDims>& dims) {
   std::vector<Layer> layers;
-  for (size_t l = 0; l < dims.size(); ++l)
-    layers.push_back({w_ih[l].contiguous(), w_hh[l].contiguous(), b[l].contiguous(), h[l].contiguous(),
-                      c[l].contiguous(), dims[l].H});
+  for (size_t l = 0; l < dims.size(); ++l) layers.push_back(make_layer(h[l], c[l], w_ih[l], w_hh[l], b[l], dims[l].H));
   return layers;
 }
 
@@ -226,32 +292,30 @@ StackOut coord_lstm_stack_cpu(const Tensor& x_, TensorList h, TensorList c, Tens
   at::AutoDispatchBelowADInplaceOrView guard;
   const Tensor x = x_.contiguous(), w_out = w_out_.contiguous(), b_out = b_out_.contiguous();
   const auto layers = make_layers(h, c, w_ih, w_hh, b, dims);
-  const int64_t N = x.size(0), nL = static_cast<int64_t>(layers.size()), maxH = max_hidden(dims);
+  const int64_t N = x.size(0), nL = static_cast<int64_t>(layers.size());
   std::vector<Tensor> h_new, c_new;
   for (const auto& L : layers) {
     h_new.push_back(at::empty({N, L.H}, x.options()));
     c_new.push_back(at::empty({N, L.H}, x.options()));
   }
   Tensor y = at::empty({N, w_out.size(0)}, x.options());
-  if (N == 0) return {y, h_new, c_new};
-  const int64_t rpb = rows_per_block(maxH);
-  const int64_t nblocks = (N + rpb - 1) / rpb;
+  const int64_t rpb = rows_per_block(max_hidden(dims));
+  auto scratch = per_thread_scratch(layers, rpb, x.options(), /*backward=*/false);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "learnedopt_coord_lstm_stack_cpu", [&] {
-    at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
-      Tensor gates = at::empty({rpb * 4 * maxH}, x.options());
+    at::parallel_for(0, num_blocks(N, rpb), 1, [&](int64_t k0, int64_t k1) {
+      // Dispatcher thread-local state (below autograd) is not inherited by the pool's threads.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      auto& s = scratch[at::get_thread_num()].layer;
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t r0 = k * rpb, B = std::min(rpb, N - r0);
-        Tensor z = x.narrow(0, r0, B);
+        Tensor zT = x.narrow(0, r0, B).t();
         for (int64_t l = 0; l < nL; ++l) {
-          const auto& L = layers[l];
-          Tensor hn = h_new[l].narrow(0, r0, B);
-          layer_forward_block<scalar_t>(L, z, L.h.narrow(0, r0, B), L.c.narrow(0, r0, B),
-                                        gates.narrow(0, 0, B * 4 * L.H).view({B, 4 * L.H}),
-                                        c_new[l].mutable_data_ptr<scalar_t>() + r0 * L.H,
-                                        hn.mutable_data_ptr<scalar_t>(), nullptr);
-          z = hn;
+          layer_forward_block<scalar_t>(layers[l], s[l], r0, B, zT);
+          zT = LayerScratch::tile(s[l].hnT, layers[l].H, B);
+          copy_into(h_new[l].narrow(0, r0, B), zT.t());
+          copy_into(c_new[l].narrow(0, r0, B), LayerScratch::tile(s[l].cnT, layers[l].H, B).t());
         }
-        addmm_into(y.narrow(0, r0, B), b_out, z, w_out.t());
+        addmm_into(y.narrow(0, r0, B), b_out, zT.t(), w_out.t());
       }
     });
   });
@@ -280,9 +344,10 @@ StackGrads coord_lstm_stack_backward_cpu(const Tensor& grad_y_, TensorList grad_
   const Tensor x = x_.contiguous(), w_out = w_out_.contiguous(), b_out = b_out_.contiguous();
   const Tensor grad_y = grad_y_.contiguous();
   const auto layers = make_layers(h, c, w_ih, w_hh, b, dims);
-  std::vector<Tensor> ghn, gcn, dh, dc, dw_ih, dw_hh, db, p_ih, p_hh, p_b;
   const int64_t rpb = rows_per_block(maxH);
-  const int64_t nblocks = (N + rpb - 1) / rpb, nparts = std::max<int64_t>(nblocks, 1);
+  const int64_t nb = num_blocks(N, rpb), nparts = std::max<int64_t>(nb, 1);
+  auto scratch = per_thread_scratch(layers, rpb, x.options(), /*backward=*/true);
+  std::vector<Tensor> ghn, gcn, dh, dc, dw_ih, dw_hh, db, p_ih, p_hh, p_b;
   for (int64_t l = 0; l < nL; ++l) {
     const auto& L = layers[l];
     ghn.push_back(grad_h_new[l].contiguous());
@@ -297,49 +362,40 @@ StackGrads coord_lstm_stack_backward_cpu(const Tensor& grad_y_, TensorList grad_
   Tensor p_wout = at::zeros({nparts, w_out.size(0), w_out.size(1)}, w_out.options());
   Tensor p_bout = at::zeros({nparts, w_out.size(0)}, w_out.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "learnedopt_coord_lstm_stack_backward_cpu", [&] {
-    at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
-      // Per-layer scratch of one block: activated gates, tanh(c_new), h_new, dL/dh_new.
-      std::vector<Tensor> act, tc, hn, dhn;
-      for (const auto& L : layers) {
-        act.push_back(at::empty({rpb, 4 * L.H}, x.options()));
-        tc.push_back(at::empty({rpb, L.H}, x.options()));
-        hn.push_back(at::empty({rpb, L.H}, x.options()));
-        dhn.push_back(at::empty({rpb, L.H}, x.options()));
-      }
-      Tensor dz = at::empty({rpb * 4 * maxH}, x.options());
+    at::parallel_for(0, nb, 1, [&](int64_t k0, int64_t k1) {
+      // Dispatcher thread-local state (below autograd) is not inherited by the pool's threads.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      BlockScratch& bs = scratch[at::get_thread_num()];
+      auto& s = bs.layer;
+      const auto& dhnT = bs.dhnT;
+      const Tensor &dz = bs.dz, &dcnT = bs.dcnT, &dcT = bs.dcT;
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t r0 = k * rpb, B = std::min(rpb, N - r0);
-        // Recompute the forward pass of the block, keeping what backward needs.
-        Tensor z = x.narrow(0, r0, B);
+        // Recompute the block's forward pass; the scratch keeps what backward needs.
+        std::vector<Tensor> zT{x.narrow(0, r0, B).t()};  // input of each layer, unit-major
         for (int64_t l = 0; l < nL; ++l) {
-          const auto& L = layers[l];
-          layer_forward_block<scalar_t>(L, z, L.h.narrow(0, r0, B), L.c.narrow(0, r0, B), act[l].narrow(0, 0, B),
-                                        nullptr, hn[l].mutable_data_ptr<scalar_t>(), tc[l].mutable_data_ptr<scalar_t>());
-          z = hn[l].narrow(0, 0, B);
+          layer_forward_block<scalar_t>(layers[l], s[l], r0, B, zT[l]);
+          zT.push_back(LayerScratch::tile(s[l].hnT, layers[l].H, B));
         }
-        // Read-out: y = h_top w_out^T + b_out.
+        // Read-out y = h_top w_out^T + b_out: dL/dh_top = grad_h_new[top] + grad_y w_out.
         const Tensor gy = grad_y.narrow(0, r0, B);
-        addmm_into(dhn[nL - 1].narrow(0, 0, B), ghn[nL - 1].narrow(0, r0, B), gy, w_out);
-        mm_into(p_wout[k], gy.t(), z);
-        sum_rows_into(p_bout[k], gy);
+        addmm_into(LayerScratch::tile(dhnT[nL - 1], layers[nL - 1].H, B), ghn[nL - 1].narrow(0, r0, B).t(),
+                   w_out.t(), gy.t());
+        mm_into(p_wout[k], gy.t(), zT[nL].t());
+        sum_into(p_bout[k], gy, 0);
         for (int64_t l = nL - 1; l >= 0; --l) {
           const auto& L = layers[l];
-          const Tensor hb = L.h.narrow(0, r0, B), cb = L.c.narrow(0, r0, B);
-          const Tensor dzb = dz.narrow(0, 0, B * 4 * L.H).view({B, 4 * L.H});
-          pointwise_backward<scalar_t>(B, L.H, act[l].const_data_ptr<scalar_t>(), cb.const_data_ptr<scalar_t>(),
-                                       tc[l].const_data_ptr<scalar_t>(), dhn[l].const_data_ptr<scalar_t>(),
-                                       gcn[l].const_data_ptr<scalar_t>() + r0 * L.H,
-                                       dzb.mutable_data_ptr<scalar_t>(),
-                                       dc[l].mutable_data_ptr<scalar_t>() + r0 * L.H);
-          const Tensor zin = l == 0 ? x.narrow(0, r0, B) : hn[l - 1].narrow(0, 0, B);
-          mm_into(p_ih[l][k], dzb.t(), zin);
-          mm_into(p_hh[l][k], dzb.t(), hb);
-          sum_rows_into(p_b[l][k], dzb);
-          mm_into(dh[l].narrow(0, r0, B), dzb, L.w_hh);
+          copy_into(LayerScratch::tile(dcnT, L.H, B), gcn[l].narrow(0, r0, B).t());
+          layer_backward_pointwise<scalar_t>(L, s[l], B, dhnT[l], dcnT, dz, dcT);
+          const Tensor dzT = LayerScratch::tile(dz, 4 * L.H, B);
+          copy_into(dc[l].narrow(0, r0, B), LayerScratch::tile(dcT, L.H, B).t());
+          layer_weight_partials(L, r0, B, dzT, zT[l], p_ih[l][k], p_hh[l][k], p_b[l][k]);
+          mm_into(dh[l].narrow(0, r0, B), dzT.t(), L.w_hh);
           if (l == 0) {
-            mm_into(dx.narrow(0, r0, B), dzb, L.w_ih);
-          } else {
-            addmm_into(dhn[l - 1].narrow(0, 0, B), ghn[l - 1].narrow(0, r0, B), dzb, L.w_ih);
+            mm_into(dx.narrow(0, r0, B), dzT.t(), L.w_ih);
+          } else {  // dL/dh_new of the layer below: its own incoming gradient + what flows through w_ih[l]
+            addmm_into(LayerScratch::tile(dhnT[l - 1], layers[l - 1].H, B), ghn[l - 1].narrow(0, r0, B).t(),
+                       L.w_ih.t(), dzT);
           }
         }
       }
