@@ -58,6 +58,17 @@ def _require(device: torch.device, op: str) -> None:
         raise RuntimeError(f"learnedopt.{op}: tensors on {device} are not supported (CPU and CUDA only)")
 
 
+def _check_dense(op: str, **tensors) -> None:
+    """Sparse (or other non-strided) tensors would reach the dispatcher's generic 'could not run'
+    error; name the argument instead."""
+    for name, t in tensors.items():
+        ts = t if isinstance(t, (list, tuple)) else [t]
+        for k, u in enumerate(ts):
+            if isinstance(u, Tensor) and u.layout != torch.strided:
+                where = f"{name}[{k}]" if isinstance(t, (list, tuple)) else name
+                raise RuntimeError(f"learnedopt.{op}: {where} must be a dense (strided) tensor, got layout {u.layout}")
+
+
 def coord_lstm(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """One LSTM cell applied independently to each of N coordinates, with shared weights.
 
@@ -76,6 +87,7 @@ def coord_lstm(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b: T
     (float64 for float64).
     """
     _require(x.device, "coord_lstm")
+    _check_dense("coord_lstm", x=x, h=h, c=c, w_ih=w_ih, w_hh=w_hh, b=b)
     return torch.ops.learnedopt.coord_lstm(x, h, c, w_ih, w_hh, b)
 
 
@@ -99,6 +111,7 @@ def coord_lstm_stack(
     Returns ``(y [N, O], h_new list, c_new list)``; differentiable in every input.
     """
     _require(x.device, "coord_lstm_stack")
+    _check_dense("coord_lstm_stack", x=x, h=h, c=c, w_ih=w_ih, w_hh=w_hh, b=b, w_out=w_out, b_out=b_out)
     return torch.ops.learnedopt.coord_lstm_stack(x, list(h), list(c), list(w_ih), list(w_hh), list(b), w_out, b_out)
 
 

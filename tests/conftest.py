@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+import learnedopt
+
+CUDA = learnedopt.ops.cuda_available()
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a GPU and learnedopt's CUDA kernels")
+
+# Every (device, dtype) the ops support; CUDA cases skip cleanly without a GPU.
+CPU_DTYPES = [torch.float32, torch.float64]
+CUDA_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DEVICE_DTYPES = [pytest.param("cpu", dt, id=f"cpu-{str(dt)[6:]}") for dt in CPU_DTYPES] + [
+    pytest.param("cuda", dt, id=f"cuda-{str(dt)[6:]}", marks=requires_cuda) for dt in CUDA_DTYPES
+]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=requires_cuda)]
+
+# Absolute/relative tolerance of a kernel output against the float64 reference, per input dtype.
+# float32: the CPU kernels use a <= 20-ulp exp (see csrc/cpu/vec_math.h). 16-bit: outputs are
+# rounded to the storage type (compute is float32).
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=3e-5, rtol=3e-5),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float16: dict(atol=3e-3, rtol=3e-3),
+}
