@@ -26,10 +26,11 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Rows per block: the gate scratch of a block (4H x B) stays around 256 KB in float32; a multiple
+// Rows per block: the gate scratch of a block (4H x B) stays around 96 KB in float32 (MKL ran the
+// block products fastest at a few hundred rows, measured for H = 20); a multiple
 // of 16 so every row of a unit-major [units, B] tile starts on a vector boundary.
 int64_t rows_per_block(int64_t max_H) {
-  return std::clamp<int64_t>(65536 / (4 * max_H), 16, 1024) / 16 * 16;
+  return std::clamp<int64_t>(24576 / (4 * max_H), 16, 512) / 16 * 16;
 }
 
 // Unit-major forward of one block: M = H*B values per gate. gates [4M] = (z_i, z_f, z_g, z_o)
@@ -100,92 +101,71 @@ void sum_parts_in_order(const Tensor& parts, const Tensor& out) {
 void mm_into(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
 // out = self + a @ b
 void addmm_into(Tensor out, const Tensor& self, const Tensor& a, const Tensor& b) { at::addmm_out(out, self, a, b); }
+void add_into(Tensor out, const Tensor& a, const Tensor& b) { at::add_out(out, a, b); }
 void copy_into(Tensor out, const Tensor& src) { out.copy_(src); }
 // out = sum of a over dimension dim
 void sum_into(Tensor out, const Tensor& a, int64_t dim) { at::sum_out(out, a, {dim}); }
 
-// One layer: weights (contiguous) and old state [N, H] (contiguous).
+// One layer. The two weight matrices are joined, w = [W_ih | W_hh] [4H, I+H], so that each block
+// needs one matrix product per direction: the separate products with K = I = 2 ran several times
+// slower per flop in MKL than one with K = I + H.
 struct Layer {
-  Tensor w_ih, w_hh, b;  // [4H, I], [4H, H], [4H]
-  Tensor h, c;           // [N, H]
-  int64_t H;
+  Tensor w, b;  // [4H, K = I + H], [4H] (contiguous)
+  Tensor h, c;  // [N, H] old state (contiguous)
+  int64_t I, H;
+  int64_t K() const { return I + H; }
 };
+
+Layer make_layer(const Tensor& h, const Tensor& c, const Tensor& w_ih, const Tensor& w_hh, const Tensor& b,
+                 const CellDims& d) {
+  return {at::cat({w_ih, w_hh}, 1), b.contiguous(), h.contiguous(), c.contiguous(), d.I, d.H};
+}
+
+std::vector<Layer> make_layers(TensorList h, TensorList c, TensorList w_ih, TensorList w_hh, TensorList b,
+                               const std::vector<CellDims>& dims) {
+  std::vector<Layer> layers;
+  for (size_t l = 0; l < dims.size(); ++l) layers.push_back(make_layer(h[l], c[l], w_ih[l], w_hh[l], b[l], dims[l]));
+  return layers;
+}
+
+// [units, B] view of the first units*B elements of a flat scratch buffer.
+Tensor tile(const Tensor& buf, int64_t units, int64_t B) { return buf.narrow(0, 0, units * B).view({units, B}); }
 
 // Unit-major scratch of one layer for one block of up to `rows` coordinates.
 struct LayerScratch {
+  Tensor zT;     // [K * rows]: the layer's input and old h, [x | h]^T
   Tensor gates;  // [4H * rows]: pre-activations, then activated gates
   Tensor cT;     // [H * rows]: old cell
   Tensor tcT;    // [H * rows]: tanh(c_new)
   Tensor hnT;    // [H * rows]: h_new
   Tensor cnT;    // [H * rows]: c_new
-  LayerScratch(int64_t H, int64_t rows, const at::TensorOptions& opt)
-      : gates(at::empty({4 * H * rows}, opt)), cT(at::empty({H * rows}, opt)), tcT(at::empty({H * rows}, opt)),
-        hnT(at::empty({H * rows}, opt)), cnT(at::empty({H * rows}, opt)) {}
-  // [units, B] views of the first units*B elements
-  static Tensor tile(const Tensor& buf, int64_t units, int64_t B) { return buf.narrow(0, 0, units * B).view({units, B}); }
+  LayerScratch(const Layer& L, int64_t rows, const at::TensorOptions& opt)
+      : zT(at::empty({L.K() * rows}, opt)), gates(at::empty({4 * L.H * rows}, opt)), cT(at::empty({L.H * rows}, opt)),
+        tcT(at::empty({L.H * rows}, opt)), hnT(at::empty({L.H * rows}, opt)), cnT(at::empty({L.H * rows}, opt)) {}
 };
 
-// All scratch of one thread for a stack of layers. Backward adds, unit-major: dL/dh_new per layer,
-// and dz (4H*rows), dL/dc_new, dL/dc (H*rows) shared by the layers.
+// All scratch of one thread for a stack of layers. Backward adds (unit-major) dL/dh_new per layer,
+// and dz [4H], dL/d[x | h] [K], dL/dc_new and dL/dc [H] (times rows) shared by the layers.
 struct BlockScratch {
   std::vector<LayerScratch> layer;
   std::vector<Tensor> dhnT;
-  Tensor dz, dcnT, dcT;
+  Tensor dz, dZ, dcnT, dcT;
   BlockScratch(const std::vector<Layer>& layers, int64_t rows, const at::TensorOptions& opt, bool backward) {
-    int64_t maxH = 1;
+    int64_t maxH = 1, maxK = 1;
     for (const auto& L : layers) {
-      layer.emplace_back(L.H, rows, opt);
+      layer.emplace_back(L, rows, opt);
       if (backward) dhnT.push_back(at::empty({L.H * rows}, opt));
       maxH = std::max(maxH, L.H);
+      maxK = std::max(maxK, L.K());
     }
     if (backward) {
       dz = at::empty({4 * maxH * rows}, opt);
+      dZ = at::empty({maxK * rows}, opt);
       dcnT = at::empty({maxH * rows}, opt);
       dcT = at::empty({maxH * rows}, opt);
     }
   }
 };
-
-// Forward of one layer on one block of B rows starting at r0, given the block's input zT [I, B]
-// (any strides). Leaves the activated gates, tanh(c_new), h_new^T and c_new^T in the scratch.
-template <typename scalar_t>
-void layer_forward_block(const Layer& L, LayerScratch& s, int64_t r0, int64_t B, const Tensor& zT) {
-  const int64_t H = L.H;
-  Tensor gT = LayerScratch::tile(s.gates, 4 * H, B);
-  addmm_into(gT, L.b.unsqueeze(1), L.w_ih, zT);
-  gT.addmm_(L.w_hh, L.h.narrow(0, r0, B).t());
-  copy_into(LayerScratch::tile(s.cT, H, B), L.c.narrow(0, r0, B).t());
-  pointwise_forward<scalar_t>(H * B, s.gates.mutable_data_ptr<scalar_t>(), s.cT.const_data_ptr<scalar_t>(),
-                              s.cnT.mutable_data_ptr<scalar_t>(), s.hnT.mutable_data_ptr<scalar_t>(),
-                              s.tcT.mutable_data_ptr<scalar_t>());
-}
-
-// Backward of one layer on one block, after layer_forward_block filled `s`. dhnT, dcnT [H*B]
-// (unit-major) hold dL/dh_new, dL/dc_new of the block; dz [4H*B] is scratch; dcT [H*B] receives
-// dL/dc (unit-major).
-template <typename scalar_t>
-void layer_backward_pointwise(const Layer& L, LayerScratch& s, int64_t B, const Tensor& dhnT, const Tensor& dcnT,
-                              const Tensor& dz, const Tensor& dcT) {
-  pointwise_backward<scalar_t>(L.H * B, s.gates.const_data_ptr<scalar_t>(), s.cT.const_data_ptr<scalar_t>(),
-                               s.tcT.const_data_ptr<scalar_t>(), dhnT.const_data_ptr<scalar_t>(),
-                               dcnT.const_data_ptr<scalar_t>(), dz.mutable_data_ptr<scalar_t>(),
-                               dcT.mutable_data_ptr<scalar_t>());
-}
-
-// Weight-gradient partials of one layer for one block: dzT [4H, B], zT [I, B] the layer input.
-void layer_weight_partials(const Layer& L, int64_t r0, int64_t B, const Tensor& dzT, const Tensor& zT,
-                           const Tensor& p_ih, const Tensor& p_hh, const Tensor& p_b) {
-  mm_into(p_ih, dzT, zT.t());
-  mm_into(p_hh, dzT, L.h.narrow(0, r0, B));
-  sum_into(p_b, dzT, 1);
-}
-
-Layer make_layer(const Tensor& h, const Tensor& c, const Tensor& w_ih, const Tensor& w_hh, const Tensor& b,
-                 int64_t H) {
-  return {w_ih.contiguous(), w_hh.contiguous(), b.contiguous(), h.contiguous(), c.contiguous(), H};
-}
-
-int64_t num_blocks(int64_t N, int64_t rpb) { return (N + rpb - 1) / rpb; }
 
 // Scratch for each thread of the pool, allocated by the calling thread before at::parallel_for:
 // allocations made (and freed) inside the pool's threads went to fresh mmaps on every call, and
@@ -197,26 +177,121 @@ std::vector<BlockScratch> per_thread_scratch(const std::vector<Layer>& layers, i
   return all;
 }
 
+int64_t max_hidden(const std::vector<Layer>& layers) {
+  int64_t m = 1;
+  for (const auto& L : layers) m = std::max(m, L.H);
+  return m;
+}
+
+int64_t num_blocks(int64_t N, int64_t rpb) { return (N + rpb - 1) / rpb; }
+
+// Forward of all layers on the block of B rows starting at r0 (x: the op's input, [N, I]). Leaves
+// in each layer's scratch its input, activated gates, tanh(c_new), h_new^T and c_new^T.
+template <typename scalar_t>
+void layers_forward_block(const std::vector<Layer>& layers, BlockScratch& bs, int64_t r0, int64_t B, const Tensor& x) {
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const Layer& L = layers[l];
+    LayerScratch& s = bs.layer[l];
+    const Tensor z = tile(s.zT, L.K(), B);
+    copy_into(z.narrow(0, 0, L.I), l == 0 ? x.narrow(0, r0, B).t() : tile(bs.layer[l - 1].hnT, L.I, B));
+    copy_into(z.narrow(0, L.I, L.H), L.h.narrow(0, r0, B).t());
+    copy_into(tile(s.cT, L.H, B), L.c.narrow(0, r0, B).t());
+    addmm_into(tile(s.gates, 4 * L.H, B), L.b.unsqueeze(1), L.w, z);
+    pointwise_forward<scalar_t>(L.H * B, s.gates.mutable_data_ptr<scalar_t>(), s.cT.const_data_ptr<scalar_t>(),
+                                s.cnT.mutable_data_ptr<scalar_t>(), s.hnT.mutable_data_ptr<scalar_t>(),
+                                s.tcT.mutable_data_ptr<scalar_t>());
+  }
+}
+
+// Gradients of one layer stack, per block (after layers_forward_block on the same block).
+struct StackGradBuffers {
+  Tensor dx;                          // [N, I]
+  std::vector<Tensor> dh, dc;         // [N, H_l]
+  std::vector<Tensor> p_w, p_b;       // per-block partials [nparts, 4H, K], [nparts, 4H]
+  std::vector<Tensor> ghn, gcn;       // incoming dL/dh_new, dL/dc_new [N, H_l] (contiguous)
+};
+
+// Backward through all layers of block k (rows r0 .. r0+B), top to bottom. On entry bs.dhnT[top]
+// holds dL/dh_new of the top layer; the gradients reaching lower layers' h_new are
+// ghn[l] + dL/d(input of layer l+1).
+template <typename scalar_t>
+void layers_backward_block(const std::vector<Layer>& layers, BlockScratch& bs, int64_t k, int64_t r0, int64_t B,
+                           StackGradBuffers& g) {
+  for (int64_t l = static_cast<int64_t>(layers.size()) - 1; l >= 0; --l) {
+    const Layer& L = layers[l];
+    const LayerScratch& s = bs.layer[l];
+    copy_into(tile(bs.dcnT, L.H, B), g.gcn[l].narrow(0, r0, B).t());
+    pointwise_backward<scalar_t>(L.H * B, s.gates.const_data_ptr<scalar_t>(), s.cT.const_data_ptr<scalar_t>(),
+                                 s.tcT.const_data_ptr<scalar_t>(), bs.dhnT[l].const_data_ptr<scalar_t>(),
+                                 bs.dcnT.const_data_ptr<scalar_t>(), bs.dz.mutable_data_ptr<scalar_t>(),
+                                 bs.dcT.mutable_data_ptr<scalar_t>());
+    const Tensor dzT = tile(bs.dz, 4 * L.H, B);
+    copy_into(g.dc[l].narrow(0, r0, B), tile(bs.dcT, L.H, B).t());
+    mm_into(g.p_w[l][k], dzT, tile(s.zT, L.K(), B).t());
+    sum_into(g.p_b[l][k], dzT, 1);
+    const Tensor dZT = tile(bs.dZ, L.K(), B);  // dL/d[input | h]^T
+    mm_into(dZT, L.w.t(), dzT);
+    copy_into(g.dh[l].narrow(0, r0, B), dZT.narrow(0, L.I, L.H).t());
+    if (l == 0) {
+      copy_into(g.dx.narrow(0, r0, B), dZT.narrow(0, 0, L.I).t());
+    } else {
+      add_into(tile(bs.dhnT[l - 1], L.I, B), g.ghn[l - 1].narrow(0, r0, B).t(), dZT.narrow(0, 0, L.I));
+    }
+  }
+}
+
+// Allocates the gradient buffers of a backward pass; the partials are zero for N = 0.
+StackGradBuffers make_grad_buffers(const std::vector<Layer>& layers, const Tensor& x, TensorList grad_h_new,
+                                   TensorList grad_c_new, int64_t nparts) {
+  StackGradBuffers g;
+  const int64_t N = x.size(0);
+  g.dx = at::empty_like(x);
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const Layer& L = layers[l];
+    g.dh.push_back(at::empty({N, L.H}, x.options()));
+    g.dc.push_back(at::empty({N, L.H}, x.options()));
+    g.p_w.push_back(at::zeros({nparts, 4 * L.H, L.K()}, L.w.options()));
+    g.p_b.push_back(at::zeros({nparts, 4 * L.H}, L.w.options()));
+    g.ghn.push_back(grad_h_new[l].contiguous());
+    g.gcn.push_back(grad_c_new[l].contiguous());
+  }
+  return g;
+}
+
+// The weight gradients (dw_ih, dw_hh, db) of each layer from the per-block partials.
+void finish_weight_grads(const std::vector<Layer>& layers, const StackGradBuffers& g, std::vector<Tensor>& dw_ih,
+                         std::vector<Tensor>& dw_hh, std::vector<Tensor>& db) {
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const Layer& L = layers[l];
+    Tensor dw = at::empty_like(L.w), dbl = at::empty_like(L.b);
+    sum_parts_in_order(g.p_w[l], dw);
+    sum_parts_in_order(g.p_b[l], dbl);
+    dw_ih.push_back(dw.narrow(1, 0, L.I).contiguous());
+    dw_hh.push_back(dw.narrow(1, L.I, L.H).contiguous());
+    db.push_back(dbl);
+  }
+}
+
 std::tuple<Tensor, Tensor> coord_lstm_cpu(const Tensor& x_, const Tensor& h_, const Tensor& c_,
                                           const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& b_) {
   const auto d = check_cell("learnedopt::coord_lstm", x_, h_, c_, w_ih_, w_hh_, b_);
   at::AutoDispatchBelowADInplaceOrView guard;
   const Tensor x = x_.contiguous();
-  const Layer L = make_layer(h_, c_, w_ih_, w_hh_, b_, d.H);
+  const std::vector<Layer> layers{make_layer(h_, c_, w_ih_, w_hh_, b_, d)};
   const int64_t rpb = rows_per_block(d.H);
-  auto scratch = per_thread_scratch({L}, rpb, x.options(), /*backward=*/false);
+  auto scratch = per_thread_scratch(layers, rpb, x.options(), /*backward=*/false);
   Tensor h_new = at::empty({d.N, d.H}, x.options());
   Tensor c_new = at::empty({d.N, d.H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "learnedopt_coord_lstm_cpu", [&] {
     at::parallel_for(0, num_blocks(d.N, rpb), 1, [&](int64_t k0, int64_t k1) {
       // Dispatcher thread-local state (below autograd) is not inherited by the pool's threads.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      LayerScratch& s = scratch[at::get_thread_num()].layer[0];
+      BlockScratch& bs = scratch[at::get_thread_num()];
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t r0 = k * rpb, B = std::min(rpb, d.N - r0);
-        layer_forward_block<scalar_t>(L, s, r0, B, x.narrow(0, r0, B).t());
-        copy_into(h_new.narrow(0, r0, B), LayerScratch::tile(s.hnT, d.H, B).t());
-        copy_into(c_new.narrow(0, r0, B), LayerScratch::tile(s.cnT, d.H, B).t());
+        layers_forward_block<scalar_t>(layers, bs, r0, B, x);
+        copy_into(h_new.narrow(0, r0, B), tile(bs.layer[0].hnT, d.H, B).t());
+        copy_into(c_new.narrow(0, r0, B), tile(bs.layer[0].cnT, d.H, B).t());
       }
     });
   });
@@ -232,58 +307,26 @@ CellGrads coord_lstm_backward_cpu(const Tensor& grad_h_new, const Tensor& grad_c
   check_grad(op, "grad_c_new", grad_c_new, c_, "c");
   at::AutoDispatchBelowADInplaceOrView guard;
   const Tensor x = x_.contiguous();
-  const Layer L = make_layer(h_, c_, w_ih_, w_hh_, b_, d.H);
-  const Tensor ghn = grad_h_new.contiguous(), gcn = grad_c_new.contiguous();
-  Tensor dx = at::empty({d.N, d.I}, x.options());
-  Tensor dh = at::empty({d.N, d.H}, x.options());
-  Tensor dc = at::empty({d.N, d.H}, x.options());
+  const std::vector<Layer> layers{make_layer(h_, c_, w_ih_, w_hh_, b_, d)};
   const int64_t rpb = rows_per_block(d.H);
-  const int64_t nb = num_blocks(d.N, rpb), nparts = std::max<int64_t>(nb, 1);
-  auto scratch = per_thread_scratch({L}, rpb, x.options(), /*backward=*/true);
-  const auto wopt = L.w_ih.options();
-  Tensor p_ih = at::zeros({nparts, 4 * d.H, d.I}, wopt);
-  Tensor p_hh = at::zeros({nparts, 4 * d.H, d.H}, wopt);
-  Tensor p_b = at::zeros({nparts, 4 * d.H}, wopt);
+  const int64_t nb = num_blocks(d.N, rpb);
+  auto scratch = per_thread_scratch(layers, rpb, x.options(), /*backward=*/true);
+  auto g = make_grad_buffers(layers, x, {grad_h_new}, {grad_c_new}, std::max<int64_t>(nb, 1));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "learnedopt_coord_lstm_backward_cpu", [&] {
     at::parallel_for(0, nb, 1, [&](int64_t k0, int64_t k1) {
-      // Dispatcher thread-local state (below autograd) is not inherited by the pool's threads.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       BlockScratch& bs = scratch[at::get_thread_num()];
-      LayerScratch& s = bs.layer[0];
-      const Tensor &dz = bs.dz, &dhnT = bs.dhnT[0], &dcnT = bs.dcnT, &dcT = bs.dcT;
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t r0 = k * rpb, B = std::min(rpb, d.N - r0);
-        const Tensor xT = x.narrow(0, r0, B).t();
-        layer_forward_block<scalar_t>(L, s, r0, B, xT);
-        copy_into(LayerScratch::tile(dhnT, d.H, B), ghn.narrow(0, r0, B).t());
-        copy_into(LayerScratch::tile(dcnT, d.H, B), gcn.narrow(0, r0, B).t());
-        layer_backward_pointwise<scalar_t>(L, s, B, dhnT, dcnT, dz, dcT);
-        const Tensor dzT = LayerScratch::tile(dz, 4 * d.H, B);
-        copy_into(dc.narrow(0, r0, B), LayerScratch::tile(dcT, d.H, B).t());
-        mm_into(dx.narrow(0, r0, B), dzT.t(), L.w_ih);
-        mm_into(dh.narrow(0, r0, B), dzT.t(), L.w_hh);
-        layer_weight_partials(L, r0, B, dzT, xT, p_ih[k], p_hh[k], p_b[k]);
+        layers_forward_block<scalar_t>(layers, bs, r0, B, x);
+        copy_into(tile(bs.dhnT[0], d.H, B), g.ghn[0].narrow(0, r0, B).t());
+        layers_backward_block<scalar_t>(layers, bs, k, r0, B, g);
       }
     });
   });
-  Tensor dw_ih = at::empty_like(L.w_ih), dw_hh = at::empty_like(L.w_hh), db = at::empty_like(L.b);
-  sum_parts_in_order(p_ih, dw_ih);
-  sum_parts_in_order(p_hh, dw_hh);
-  sum_parts_in_order(p_b, db);
-  return {dx, dh, dc, dw_ih, dw_hh, db};
-}
-
-std::vector<Layer> make_layers(TensorList h, TensorList c, TensorList w_ih, TensorList w_hh, TensorList b,
-                               const std::vector<CellDims>& dims) {
-  std::vector<Layer> layers;
-  for (size_t l = 0; l < dims.size(); ++l) layers.push_back(make_layer(h[l], c[l], w_ih[l], w_hh[l], b[l], dims[l].H));
-  return layers;
-}
-
-int64_t max_hidden(const std::vector<CellDims>& dims) {
-  int64_t m = 1;
-  for (const auto& d : dims) m = std::max(m, d.H);
-  return m;
+  std::vector<Tensor> dw_ih, dw_hh, db;
+  finish_weight_grads(layers, g, dw_ih, dw_hh, db);
+  return {g.dx, g.dh[0], g.dc[0], dw_ih[0], dw_hh[0], db[0]};
 }
 
 StackOut coord_lstm_stack_cpu(const Tensor& x_, TensorList h, TensorList c, TensorList w_ih, TensorList w_hh,
@@ -299,23 +342,20 @@ StackOut coord_lstm_stack_cpu(const Tensor& x_, TensorList h, TensorList c, Tens
     c_new.push_back(at::empty({N, L.H}, x.options()));
   }
   Tensor y = at::empty({N, w_out.size(0)}, x.options());
-  const int64_t rpb = rows_per_block(max_hidden(dims));
+  const int64_t rpb = rows_per_block(max_hidden(layers));
   auto scratch = per_thread_scratch(layers, rpb, x.options(), /*backward=*/false);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "learnedopt_coord_lstm_stack_cpu", [&] {
     at::parallel_for(0, num_blocks(N, rpb), 1, [&](int64_t k0, int64_t k1) {
-      // Dispatcher thread-local state (below autograd) is not inherited by the pool's threads.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      auto& s = scratch[at::get_thread_num()].layer;
+      BlockScratch& bs = scratch[at::get_thread_num()];
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t r0 = k * rpb, B = std::min(rpb, N - r0);
-        Tensor zT = x.narrow(0, r0, B).t();
+        layers_forward_block<scalar_t>(layers, bs, r0, B, x);
         for (int64_t l = 0; l < nL; ++l) {
-          layer_forward_block<scalar_t>(layers[l], s[l], r0, B, zT);
-          zT = LayerScratch::tile(s[l].hnT, layers[l].H, B);
-          copy_into(h_new[l].narrow(0, r0, B), zT.t());
-          copy_into(c_new[l].narrow(0, r0, B), LayerScratch::tile(s[l].cnT, layers[l].H, B).t());
+          copy_into(h_new[l].narrow(0, r0, B), tile(bs.layer[l].hnT, layers[l].H, B).t());
+          copy_into(c_new[l].narrow(0, r0, B), tile(bs.layer[l].cnT, layers[l].H, B).t());
         }
-        addmm_into(y.narrow(0, r0, B), b_out, zT.t(), w_out.t());
+        addmm_into(y.narrow(0, r0, B), b_out, h_new[nL - 1].narrow(0, r0, B), w_out.t());
       }
     });
   });
@@ -327,7 +367,7 @@ StackGrads coord_lstm_stack_backward_cpu(const Tensor& grad_y_, TensorList grad_
                                          TensorList w_hh, TensorList b, const Tensor& w_out_, const Tensor& b_out_) {
   const char* op = "learnedopt::coord_lstm_stack_backward";
   const auto dims = check_stack(op, x_, h, c, w_ih, w_hh, b, w_out_, b_out_);
-  const int64_t N = x_.size(0), nL = static_cast<int64_t>(dims.size()), maxH = max_hidden(dims);
+  const int64_t N = x_.size(0), nL = static_cast<int64_t>(dims.size());
   check_defined(op, "grad_y", grad_y_);
   TORCH_CHECK(grad_y_.dim() == 2 && grad_y_.size(0) == N && grad_y_.size(1) == w_out_.size(0), op,
               ": grad_y must have shape [N, O] = [", N, ", ", w_out_.size(0), "], got ", shape_str(grad_y_));
@@ -344,75 +384,36 @@ StackGrads coord_lstm_stack_backward_cpu(const Tensor& grad_y_, TensorList grad_
   const Tensor x = x_.contiguous(), w_out = w_out_.contiguous(), b_out = b_out_.contiguous();
   const Tensor grad_y = grad_y_.contiguous();
   const auto layers = make_layers(h, c, w_ih, w_hh, b, dims);
-  const int64_t rpb = rows_per_block(maxH);
+  const int64_t rpb = rows_per_block(max_hidden(layers));
   const int64_t nb = num_blocks(N, rpb), nparts = std::max<int64_t>(nb, 1);
   auto scratch = per_thread_scratch(layers, rpb, x.options(), /*backward=*/true);
-  std::vector<Tensor> ghn, gcn, dh, dc, dw_ih, dw_hh, db, p_ih, p_hh, p_b;
-  for (int64_t l = 0; l < nL; ++l) {
-    const auto& L = layers[l];
-    ghn.push_back(grad_h_new[l].contiguous());
-    gcn.push_back(grad_c_new[l].contiguous());
-    dh.push_back(at::empty({N, L.H}, x.options()));
-    dc.push_back(at::empty({N, L.H}, x.options()));
-    p_ih.push_back(at::zeros({nparts, 4 * L.H, L.w_ih.size(1)}, L.w_ih.options()));
-    p_hh.push_back(at::zeros({nparts, 4 * L.H, L.H}, L.w_ih.options()));
-    p_b.push_back(at::zeros({nparts, 4 * L.H}, L.w_ih.options()));
-  }
-  Tensor dx = at::empty_like(x);
+  auto g = make_grad_buffers(layers, x, grad_h_new, grad_c_new, nparts);
   Tensor p_wout = at::zeros({nparts, w_out.size(0), w_out.size(1)}, w_out.options());
   Tensor p_bout = at::zeros({nparts, w_out.size(0)}, w_out.options());
+  const Layer& top = layers[nL - 1];
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "learnedopt_coord_lstm_stack_backward_cpu", [&] {
     at::parallel_for(0, nb, 1, [&](int64_t k0, int64_t k1) {
-      // Dispatcher thread-local state (below autograd) is not inherited by the pool's threads.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       BlockScratch& bs = scratch[at::get_thread_num()];
-      auto& s = bs.layer;
-      const auto& dhnT = bs.dhnT;
-      const Tensor &dz = bs.dz, &dcnT = bs.dcnT, &dcT = bs.dcT;
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t r0 = k * rpb, B = std::min(rpb, N - r0);
-        // Recompute the block's forward pass; the scratch keeps what backward needs.
-        std::vector<Tensor> zT{x.narrow(0, r0, B).t()};  // input of each layer, unit-major
-        for (int64_t l = 0; l < nL; ++l) {
-          layer_forward_block<scalar_t>(layers[l], s[l], r0, B, zT[l]);
-          zT.push_back(LayerScratch::tile(s[l].hnT, layers[l].H, B));
-        }
+        layers_forward_block<scalar_t>(layers, bs, r0, B, x);
         // Read-out y = h_top w_out^T + b_out: dL/dh_top = grad_h_new[top] + grad_y w_out.
         const Tensor gy = grad_y.narrow(0, r0, B);
-        addmm_into(LayerScratch::tile(dhnT[nL - 1], layers[nL - 1].H, B), ghn[nL - 1].narrow(0, r0, B).t(),
-                   w_out.t(), gy.t());
-        mm_into(p_wout[k], gy.t(), zT[nL].t());
+        const Tensor h_topT = tile(bs.layer[nL - 1].hnT, top.H, B);
+        addmm_into(tile(bs.dhnT[nL - 1], top.H, B), g.ghn[nL - 1].narrow(0, r0, B).t(), w_out.t(), gy.t());
+        mm_into(p_wout[k], gy.t(), h_topT.t());
         sum_into(p_bout[k], gy, 0);
-        for (int64_t l = nL - 1; l >= 0; --l) {
-          const auto& L = layers[l];
-          copy_into(LayerScratch::tile(dcnT, L.H, B), gcn[l].narrow(0, r0, B).t());
-          layer_backward_pointwise<scalar_t>(L, s[l], B, dhnT[l], dcnT, dz, dcT);
-          const Tensor dzT = LayerScratch::tile(dz, 4 * L.H, B);
-          copy_into(dc[l].narrow(0, r0, B), LayerScratch::tile(dcT, L.H, B).t());
-          layer_weight_partials(L, r0, B, dzT, zT[l], p_ih[l][k], p_hh[l][k], p_b[l][k]);
-          mm_into(dh[l].narrow(0, r0, B), dzT.t(), L.w_hh);
-          if (l == 0) {
-            mm_into(dx.narrow(0, r0, B), dzT.t(), L.w_ih);
-          } else {  // dL/dh_new of the layer below: its own incoming gradient + what flows through w_ih[l]
-            addmm_into(LayerScratch::tile(dhnT[l - 1], layers[l - 1].H, B), ghn[l - 1].narrow(0, r0, B).t(),
-                       L.w_ih.t(), dzT);
-          }
-        }
+        layers_backward_block<scalar_t>(layers, bs, k, r0, B, g);
       }
     });
   });
-  for (int64_t l = 0; l < nL; ++l) {
-    dw_ih.push_back(at::empty_like(layers[l].w_ih));
-    dw_hh.push_back(at::empty_like(layers[l].w_hh));
-    db.push_back(at::empty_like(layers[l].b));
-    sum_parts_in_order(p_ih[l], dw_ih[l]);
-    sum_parts_in_order(p_hh[l], dw_hh[l]);
-    sum_parts_in_order(p_b[l], db[l]);
-  }
+  std::vector<Tensor> dw_ih, dw_hh, db;
+  finish_weight_grads(layers, g, dw_ih, dw_hh, db);
   Tensor dw_out = at::empty_like(w_out), db_out = at::empty_like(b_out);
   sum_parts_in_order(p_wout, dw_out);
   sum_parts_in_order(p_bout, db_out);
-  return {dx, dh, dc, dw_ih, dw_hh, db, dw_out, db_out};
+  return {g.dx, g.dh, g.dc, dw_ih, dw_hh, db, dw_out, db_out};
 }
 
 }  // namespace
