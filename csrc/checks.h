@@ -170,4 +170,38 @@ inline std::vector<CellDims> check_stack(const char* op, const at::Tensor& x, at
   return dims;
 }
 
+// The backward of the single-cell op: the cell's checks plus the incoming gradients of h', c'.
+inline CellDims check_cell_backward(const char* op, const at::Tensor& grad_h_new, const at::Tensor& grad_c_new,
+                                    const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                                    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b) {
+  const auto d = check_cell(op, x, h, c, w_ih, w_hh, b);
+  check_grad(op, "grad_h_new", grad_h_new, h, "h");
+  check_grad(op, "grad_c_new", grad_c_new, c, "c");
+  return d;
+}
+
+// The backward of the multi-layer op: the stack's checks plus grad_y [N, O] and one incoming
+// gradient per layer for h' and c'.
+inline std::vector<CellDims> check_stack_backward(const char* op, const at::Tensor& grad_y,
+                                                  at::TensorList grad_h_new, at::TensorList grad_c_new,
+                                                  const at::Tensor& x, at::TensorList h, at::TensorList c,
+                                                  at::TensorList w_ih, at::TensorList w_hh, at::TensorList b,
+                                                  const at::Tensor& w_out, const at::Tensor& b_out) {
+  auto dims = check_stack(op, x, h, c, w_ih, w_hh, b, w_out, b_out);
+  const int64_t N = x.size(0), nL = static_cast<int64_t>(dims.size());
+  check_defined(op, "grad_y", grad_y);
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == N && grad_y.size(1) == w_out.size(0), op,
+              ": grad_y must have shape [N, O] = [", N, ", ", w_out.size(0), "], got ", shape_str(grad_y));
+  check_device(op, "grad_y", grad_y, x, "x");
+  check_same_dtype(op, "grad_y", grad_y, x, "x");
+  TORCH_CHECK(static_cast<int64_t>(grad_h_new.size()) == nL && static_cast<int64_t>(grad_c_new.size()) == nL,
+              op, ": grad_h_new and grad_c_new must hold one tensor per layer (", nL, "), got lengths ",
+              grad_h_new.size(), " and ", grad_c_new.size());
+  for (int64_t l = 0; l < nL; ++l) {
+    check_grad(op, indexed("grad_h_new", l), grad_h_new[l], h[l], indexed("h", l).c_str());
+    check_grad(op, indexed("grad_c_new", l), grad_c_new[l], c[l], indexed("c", l).c_str());
+  }
+  return dims;
+}
+
 }  // namespace learnedopt

@@ -620,9 +620,7 @@ CellGrads coord_lstm_backward_cuda(const Tensor& grad_h_new, const Tensor& grad_
                                    const Tensor& h_, const Tensor& c_, const Tensor& w_ih_, const Tensor& w_hh_,
                                    const Tensor& b_) {
   const char* op = "learnedopt::coord_lstm_backward";
-  const auto d = check_cell(op, x_, h_, c_, w_ih_, w_hh_, b_);
-  check_grad(op, "grad_h_new", grad_h_new, h_, "h");
-  check_grad(op, "grad_c_new", grad_c_new, c_, "c");
+  const auto d = check_cell_backward(op, grad_h_new, grad_c_new, x_, h_, c_, w_ih_, w_hh_, b_);
   at::AutoDispatchBelowADInplaceOrView guard;
   const c10::cuda::CUDAGuard device_guard(x_.device());
   const Tensor x = x_.contiguous(), h = h_.contiguous(), c = c_.contiguous();
@@ -702,20 +700,9 @@ StackGrads coord_lstm_stack_backward_cuda(const Tensor& grad_y_, TensorList grad
                                           const Tensor& x_, TensorList h, TensorList c, TensorList w_ih,
                                           TensorList w_hh, TensorList b, const Tensor& w_out_, const Tensor& b_out_) {
   const char* op = "learnedopt::coord_lstm_stack_backward";
-  const auto dims = check_stack(op, x_, h, c, w_ih, w_hh, b, w_out_, b_out_);
+  const auto dims =
+      check_stack_backward(op, grad_y_, grad_h_new, grad_c_new, x_, h, c, w_ih, w_hh, b, w_out_, b_out_);
   const int64_t N = x_.size(0), nL = static_cast<int64_t>(dims.size());
-  check_defined(op, "grad_y", grad_y_);
-  TORCH_CHECK(grad_y_.dim() == 2 && grad_y_.size(0) == N && grad_y_.size(1) == w_out_.size(0), op,
-              ": grad_y must have shape [N, O] = [", N, ", ", w_out_.size(0), "], got ", shape_str(grad_y_));
-  check_device(op, "grad_y", grad_y_, x_, "x");
-  check_same_dtype(op, "grad_y", grad_y_, x_, "x");
-  TORCH_CHECK(static_cast<int64_t>(grad_h_new.size()) == nL && static_cast<int64_t>(grad_c_new.size()) == nL,
-              op, ": grad_h_new and grad_c_new must hold one tensor per layer (", nL, "), got lengths ",
-              grad_h_new.size(), " and ", grad_c_new.size());
-  for (int64_t l = 0; l < nL; ++l) {
-    check_grad(op, indexed("grad_h_new", l), grad_h_new[l], h[l], indexed("h", l).c_str());
-    check_grad(op, indexed("grad_c_new", l), grad_c_new[l], c[l], indexed("c", l).c_str());
-  }
   at::AutoDispatchBelowADInplaceOrView guard;
   const c10::cuda::CUDAGuard device_guard(x_.device());
   const Tensor x = x_.contiguous(), w_out = w_out_.contiguous(), b_out = b_out_.contiguous();
