@@ -115,8 +115,9 @@ def coord_lstm_stack(
     return torch.ops.learnedopt.coord_lstm_stack(x, list(h), list(c), list(w_ih), list(w_hh), list(b), w_out, b_out)
 
 
-def _new(like: Tensor, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
-    return torch.empty(shape, dtype=like.dtype if dtype is None else dtype, device=like.device)
+def _new(like: Tensor, *shape: int) -> Tensor:
+    """A new contiguous tensor of the given shape, with like's dtype and device (fake kernels)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 if _C is not None:
