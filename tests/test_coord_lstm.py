@@ -6,20 +6,12 @@ import torch
 
 import learnedopt
 from conftest import CUDA, DEVICE_DTYPES, DEVICES, TOL, requires_cuda
-from helpers import cell_inputs, f64, noncontig, ref_cell
+from helpers import assert_close, cell_inputs, f64, noncontig, ref_cell
 
 SIZES_N = [1, 7, 1000, 65537]
 SIZES_H = [1, 10, 20, 33]
 SIZES_I = [1, 2, 12]
 
-
-def assert_close(actual, expected, dtype, reduction=False):
-    """Kernel output vs float64 reference. Reductions over N (weight gradients) are compared relative
-    to their largest entry, since their entries sum N terms of either sign."""
-    tol = dict(TOL[dtype])
-    if reduction and expected.numel():
-        tol["atol"] = tol["atol"] * max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.double(), expected, **tol)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)

@@ -6,7 +6,7 @@ import torch
 
 import learnedopt
 from conftest import DEVICE_DTYPES, DEVICES, TOL
-from helpers import f64, noncontig, stack_inputs
+from helpers import assert_close, f64, noncontig, stack_inputs
 
 CONFIGS = [((20,), 1), ((20, 20), 1), ((5, 8, 3), 2), ((1,), 1), ((33, 10), 3)]
 
@@ -26,12 +26,6 @@ def run(fn, args, L):
     y, hn, cn = fn(*unflat(args, L))
     return [y, *hn, *cn]
 
-
-def assert_close(actual, expected, dtype, reduction=False):
-    tol = dict(TOL[dtype])
-    if reduction and expected.numel():
-        tol["atol"] = tol["atol"] * max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.double(), expected, **tol)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
