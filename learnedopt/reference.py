@@ -7,6 +7,7 @@ float32).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -51,3 +52,19 @@ def coord_lstm_stack(
         z = hn
     y = z @ w_out.t() + b_out
     return y, h_new, c_new
+
+
+def log_sign_preprocess(g: Tensor, p: float = 10.0) -> Tensor:
+    """Gradient preprocessing of Andrychowicz et al. 2016, Appendix A: each coordinate g becomes
+
+        (log|g| / p, sign g)   if |g| >= e^-p
+        (-1,         e^p g)    otherwise,
+
+    written branch-free as (max(log|g| / p, -1), clamp(e^p g, -1, 1)) (the two agree exactly; the
+    official code's LogAndSign). Returns [..., 2] in g's dtype; NaN stays NaN, g = 0 gives (-1, 0).
+    """
+    if p <= 0:
+        raise ValueError(f"log_sign_preprocess: p must be > 0, got {p}")
+    log_part = torch.clamp_min(torch.log(g.abs()) / p, -1.0)
+    sign_part = torch.clamp(g * math.exp(p), -1.0, 1.0)
+    return torch.stack([log_part, sign_part], dim=-1)
