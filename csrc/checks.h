@@ -204,4 +204,61 @@ inline std::vector<CellDims> check_stack_backward(const char* op, const at::Tens
   return dims;
 }
 
+// The L2L optimizer step: parameters with their gradients and states, and the network's weights.
+// Returns the dims of each layer (N unused: 0); the state of a parameter is [numel, 2 * sum(H)].
+inline std::vector<CellDims> check_l2l_step(const char* op, at::TensorList params, at::TensorList grads,
+                                            at::TensorList states, at::TensorList w_ih, at::TensorList w_hh,
+                                            at::TensorList b, const at::Tensor& w_out, const at::Tensor& b_out,
+                                            bool log_sign) {
+  TORCH_CHECK(grads.size() == params.size() && states.size() == params.size(), op,
+              ": params, grads and states must have one entry per parameter, got lengths ", params.size(), ", ",
+              grads.size(), " and ", states.size());
+  TORCH_CHECK(w_hh.size() == w_ih.size() && b.size() == w_ih.size(), op,
+              ": w_ih, w_hh and b must hold one tensor per layer, got lengths ", w_ih.size(), ", ", w_hh.size(),
+              " and ", b.size());
+  std::vector<CellDims> dims;
+  int64_t I = log_sign ? 2 : 1, width = 0;
+  for (size_t l = 0; l < w_ih.size(); ++l) {
+    check_defined(op, indexed("w_hh", l), w_hh[l]);
+    TORCH_CHECK(w_hh[l].dim() == 2 && w_hh[l].size(1) >= 1 && w_hh[l].size(0) == 4 * w_hh[l].size(1), op, ": ",
+                indexed("w_hh", l), " must have shape [4*H, H] with H >= 1, got ", shape_str(w_hh[l]));
+    const int64_t H = w_hh[l].size(1);
+    check_shape(op, indexed("w_ih", l), w_ih[l], {4 * H, I}, "[4*H, I]");
+    check_shape(op, indexed("b", l), b[l], {4 * H}, "[4*H]");
+    dims.push_back({0, I, H});
+    I = H;
+    width += 2 * H;
+  }
+  check_shape(op, "w_out", w_out, {1, I}, "[1, H_top] (H_top: the last layer's H, or the input size without layers)");
+  check_shape(op, "b_out", b_out, {1}, "[1]");
+  const auto& ref = w_out;
+  for (size_t l = 0; l < w_ih.size(); ++l) {
+    check_device(op, indexed("w_ih", l), w_ih[l], ref, "w_out");
+    check_device(op, indexed("w_hh", l), w_hh[l], ref, "w_out");
+    check_device(op, indexed("b", l), b[l], ref, "w_out");
+  }
+  check_device(op, "b_out", b_out, ref, "w_out");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& p = params[i];
+    const auto pn = indexed("params", i), gn = indexed("grads", i), sn = indexed("states", i);
+    check_defined(op, pn, p);
+    check_device(op, pn, p, ref, "w_out");
+    TORCH_CHECK(at::isFloatingType(p.scalar_type()), op, ": ", pn, " must be a floating-point tensor, got ",
+                p.scalar_type());
+    check_defined(op, gn, grads[i]);
+    TORCH_CHECK(grads[i].sizes() == p.sizes(), op, ": ", gn, " must have the shape of ", pn, " ", shape_str(p),
+                ", got ", shape_str(grads[i]));
+    check_device(op, gn, grads[i], p, pn.c_str());
+    check_same_dtype(op, gn, grads[i], p, pn.c_str());
+    const auto sdt = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    check_defined(op, sn, states[i]);
+    check_device(op, sn, states[i], p, pn.c_str());
+    TORCH_CHECK(states[i].scalar_type() == sdt, op, ": ", sn, " must be ", sdt, " for a ", p.scalar_type(),
+                " parameter, got ", states[i].scalar_type());
+    check_shape(op, sn, states[i], {p.numel(), width}, "[numel, 2 * sum of hidden sizes]");
+    TORCH_CHECK(states[i].is_contiguous(), op, ": ", sn, " must be contiguous");
+  }
+  return dims;
+}
+
 }  // namespace learnedopt

@@ -24,12 +24,14 @@ template <>
 struct MathOps<float> {
   static C10_HOST_DEVICE C10_ALWAYS_INLINE float exp(float x) { return ::expf(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE float tanh(float x) { return ::tanhf(x); }
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE float log(float x) { return ::logf(x); }
 };
 
 template <>
 struct MathOps<double> {
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double exp(double x) { return ::exp(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double tanh(double x) { return ::tanh(x); }
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE double log(double x) { return ::log(x); }
 };
 
 // sigmoid(x) = 1 / (1 + exp(-x)); exp(-x) overflows to inf for x < -88 (float), giving 0.
@@ -87,6 +89,25 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE LstmUnitGrad<T> lstm_unit_backward(
   d.dzo = dh_new * u.tanh_c_new * u.o * (one - u.o);
   d.dc = dct * u.f;
   return d;
+}
+
+// Gradient preprocessing of Andrychowicz et al. 2016, Appendix A: g becomes
+//   (log|g| / p, sign g) if |g| >= e^-p,  (-1, e^p g) otherwise,
+// computed branch-free as (max(log|g| / p, -1), clamp(e^p g, -1, 1)) (identical values; the official
+// code's LogAndSign). exp_p = e^p. NaN stays NaN in both parts; g = 0 gives (-1, 0).
+template <typename T>
+struct LogSign {
+  T log_part, sign_part;
+};
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE LogSign<T> log_sign_preprocess(T g, T p, T exp_p) {
+  LogSign<T> r;
+  const T l = MathOps<T>::log(g < T(0) ? -g : g) / p;
+  r.log_part = l < T(-1) ? T(-1) : l;  // comparisons with NaN are false: NaN passes through
+  const T s = g * exp_p;
+  r.sign_part = s > T(1) ? T(1) : (s < T(-1) ? T(-1) : s);
+  return r;
 }
 
 }  // namespace learnedopt

@@ -40,4 +40,16 @@ TORCH_LIBRARY(learnedopt, m) {
       "coord_lstm_stack_backward(Tensor grad_y, Tensor[] grad_h_new, Tensor[] grad_c_new, Tensor x, "
       "Tensor[] h, Tensor[] c, Tensor[] w_ih, Tensor[] w_hh, Tensor[] b, Tensor w_out, Tensor b_out) "
       "-> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor, Tensor)");
+  // One step of the L2L optimizer (Andrychowicz et al. 2016) on a list of parameters, in place.
+  // For each parameter p with gradient g and state s ([numel, 2 * sum(H)]: per coordinate h_0, c_0,
+  // h_1, c_1, ... of the layers; float32, or float64 for float64 parameters):
+  //   g' = g / grad_scale + weight_decay * p;  x = log_sign ? (log|g'|/p_pre, sign g') : g'
+  //   (y, h', c') = coord_lstm_stack(x, h, c, w_ih, w_hh, b, w_out [1, H_top], b_out [1])
+  //   p += lr * update_scale * y;  s <- (h', c')
+  // A parameter whose g' holds a NaN or inf is left alone, and so is its state; a nonzero
+  // found_inf (torch.amp.GradScaler) skips the whole step. No host synchronisation on CUDA.
+  m.def(
+      "l2l_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, Tensor[] w_ih, Tensor[] w_hh, "
+      "Tensor[] b, Tensor w_out, Tensor b_out, float lr, float weight_decay, float update_scale, "
+      "float p, bool log_sign, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
 }

@@ -182,3 +182,20 @@ if _C is not None:
     torch.library.register_autograd(
         "learnedopt::coord_lstm_stack", _coord_lstm_stack_backward, setup_context=_coord_lstm_stack_setup_context
     )
+
+    @torch.library.register_fake("learnedopt::l2l_step_")
+    def _l2l_step_fake(params, grads, states, w_ih, w_hh, b, w_out, b_out, lr, weight_decay, update_scale, p,
+                       log_sign, grad_scale=None, found_inf=None):
+        return None
+
+    # CUDA: the step is composed from the fused stack op and torch ops (a fused CUDA step kernel is
+    # still to come); skips use torch.where, so there is no host synchronisation.
+    def _l2l_step_cuda(params, grads, states, w_ih, w_hh, b, w_out, b_out, lr, weight_decay, update_scale, p,
+                       log_sign, grad_scale=None, found_inf=None):
+        from . import reference
+
+        reference.l2l_step_(params, grads, states, w_ih, w_hh, b, w_out, b_out, lr, weight_decay, update_scale, p,
+                            log_sign, grad_scale, found_inf, stack=torch.ops.learnedopt.coord_lstm_stack)
+
+    _impl_lib = torch.library.Library("learnedopt", "IMPL")
+    _impl_lib.impl("l2l_step_", _l2l_step_cuda, "CUDA")

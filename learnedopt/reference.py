@@ -68,3 +68,75 @@ def log_sign_preprocess(g: Tensor, p: float = 10.0) -> Tensor:
     log_part = torch.clamp_min(torch.log(g.abs()) / p, -1.0)
     sign_part = torch.clamp(g * math.exp(p), -1.0, 1.0)
     return torch.stack([log_part, sign_part], dim=-1)
+
+
+def split_state(state: Tensor, hidden: Sequence[int]) -> tuple[list[Tensor], list[Tensor]]:
+    """Column views (h per layer, c per layer) of an L2L optimizer state [numel, 2 * sum(hidden)]
+    (per coordinate h_0, c_0, h_1, c_1, ...)."""
+    h, c, off = [], [], 0
+    for H in hidden:
+        h.append(state[:, off:off + H])
+        c.append(state[:, off + H:off + 2 * H])
+        off += 2 * H
+    return h, c
+
+
+@torch.no_grad()
+def l2l_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[Tensor],
+    w_ih: Sequence[Tensor],
+    w_hh: Sequence[Tensor],
+    b: Sequence[Tensor],
+    w_out: Tensor,
+    b_out: Tensor,
+    lr: float,
+    weight_decay: float,
+    update_scale: float,
+    p: float,
+    log_sign: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    stack=coord_lstm_stack,
+) -> None:
+    """Pure-PyTorch L2L optimizer step, in place (the semantics of ``learnedopt::l2l_step_``).
+
+    For each parameter p with gradient g and state s ([numel, 2 * sum(H)], float32, or float64
+    for float64 parameters):
+
+        g' = g / grad_scale + weight_decay * p
+        x  = log_sign_preprocess(g', p) if log_sign else g'
+        y, h', c' = stack(x, h, c, w_ih, w_hh, b, w_out, b_out)     (no layers: y = x w_out^T + b_out)
+        p += lr * update_scale * y;   s <- (h', c')
+
+    A parameter whose g' is not all finite keeps its value and its state; a nonzero ``found_inf``
+    skips everything. Skips are applied with ``torch.where`` (no host synchronisation), so the
+    function is also the CUDA implementation of the op (with ``stack`` the fused op).
+    """
+    hidden = [w.shape[1] for w in w_hh]
+    for param, g, s in zip(params, grads, states):
+        if param.numel() == 0:
+            continue
+        acc = torch.float64 if param.dtype == torch.float64 else torch.float32
+        pv = param.detach().reshape(-1).to(acc)
+        gv = g.reshape(-1).to(acc)
+        if grad_scale is not None:
+            gv = gv / grad_scale.to(acc)
+        gv = gv + weight_decay * pv
+        x = log_sign_preprocess(gv, p) if log_sign else gv.unsqueeze(1)
+        wo, bo = w_out.to(acc), b_out.to(acc)
+        if hidden:
+            h, c = split_state(s, hidden)
+            y, h_new, c_new = stack(x, h, c, [t.to(acc) for t in w_ih], [t.to(acc) for t in w_hh],
+                                    [t.to(acc) for t in b], wo, bo)
+        else:
+            y, h_new, c_new = x @ wo.t() + bo, [], []
+        ok = torch.isfinite(gv).all()
+        if found_inf is not None:
+            ok = ok & (found_inf == 0)
+        new_p = pv + (lr * update_scale) * y[:, 0]
+        param.copy_(torch.where(ok, new_p, pv).reshape(param.shape))
+        if hidden:
+            new_s = torch.cat([t for pair in zip(h_new, c_new) for t in pair], dim=1)
+            s.copy_(torch.where(ok, new_s, s))
