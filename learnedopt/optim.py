@@ -75,10 +75,18 @@ class L2LOptimizer(Optimizer):
     # -- the network's weights on each device, detached ------------------------------------------
     def _weights(self, device: torch.device):
         net = self.net
+        if torch.compiler.is_compiling():  # the cache key (data pointers) cannot be traced
+            return self._detached_weights(device)
         key = (device, tuple(t._version for t in net.parameters()), tuple(t.data_ptr() for t in net.parameters()))
         cached = self._weights_cache.get(device)
         if cached is not None and cached[0] == key:
             return cached[1]
+        weights = self._detached_weights(device)
+        self._weights_cache[device] = (key, weights)
+        return weights
+
+    def _detached_weights(self, device: torch.device):
+        net = self.net
         L = len(net.layers)
         w = [net.layer_weights(l) for l in range(L)]
         weights = (
@@ -88,7 +96,6 @@ class L2LOptimizer(Optimizer):
             net.w_out.detach().to(device),
             net.b_out.detach().to(device),
         )
-        self._weights_cache[device] = (key, weights)
         return weights
 
     def _init_state(self, p: Tensor) -> Tensor:
@@ -134,38 +141,76 @@ class L2LOptimizer(Optimizer):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
+        """torch.optim's state dict plus ``"net"``: the network's configuration and weights. The
+        entry is added before any user ``state_dict`` post-hook runs."""
+        handle = self.register_state_dict_post_hook(L2LOptimizer._add_net, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
+
+    @staticmethod
+    def _add_net(self: "L2LOptimizer", state_dict: dict[str, Any]) -> dict[str, Any]:
         net = self.net
-        sd["net"] = {
+        state_dict["net"] = {
             "layers": list(net.layers),
             "preprocess": net.preprocess,
             "p": net.p,
             "output_scale": net.output_scale,
             "weights": {k: v.detach().clone() for k, v in net.state_dict().items()},
         }
-        return sd
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the LSTM states, the groups and (from ``"net"``) the network. User pre-hooks
+        see the whole state dict; post-hooks see the optimizer fully loaded."""
+        pre = self.register_load_state_dict_pre_hook(L2LOptimizer._take_net_and_keep_lstm_dtype)  # runs last
+        post = self.register_load_state_dict_post_hook(L2LOptimizer._restore_lstm, prepend=True)  # runs first
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+
+    @staticmethod
+    def _take_net_and_keep_lstm_dtype(self: "L2LOptimizer", state_dict: dict[str, Any]) -> dict[str, Any]:
         state_dict = dict(state_dict)
         net_sd = state_dict.pop("net", None)
         if net_sd is not None:
             cfg = (tuple(net_sd["layers"]), net_sd["preprocess"], float(net_sd["p"]), float(net_sd["output_scale"]))
-            mine = (self.net.layers, self.net.preprocess, self.net.p, self.net.output_scale)
-            if cfg != mine:
+            if cfg != (self.net.layers, self.net.preprocess, self.net.p, self.net.output_scale):
                 self.net = CoordinateLSTMNet(*cfg).to(next(self.net.parameters()).device)
             self.net.load_state_dict(net_sd["weights"])
             self._weights_cache.clear()
         # torch.optim casts floating state to the parameter's dtype; the LSTM state keeps its own
-        # (float32, or float64): take it out, load the rest, put it back.
-        saved_state = {k: dict(v) for k, v in state_dict["state"].items()}
-        lstm = {k: v.pop("lstm") for k, v in saved_state.items() if "lstm" in v}
-        state_dict["state"] = saved_state
-        ids = {
-            old: p
-            for old_g, g in zip(state_dict["param_groups"], self.param_groups)
-            for old, p in zip(old_g["params"], g["params"])
+        # (float32, or float64). Wrapped in a _Keep, it passes through that cast untouched.
+        state_dict["state"] = {
+            k: ({**v, "lstm": _Keep(v["lstm"])} if isinstance(v, dict) and isinstance(v.get("lstm"), Tensor) else v)
+            for k, v in state_dict["state"].items()
         }
-        super().load_state_dict(state_dict)
-        for k, v in lstm.items():
-            p = ids[k]
-            self.state[p]["lstm"] = v.to(device=p.device, dtype=_state_dtype(p), copy=True)
+        return state_dict
+
+    @staticmethod
+    def _restore_lstm(self: "L2LOptimizer") -> None:
+        for p, st in self.state.items():
+            if isinstance(p, Tensor) and isinstance(st, dict) and isinstance(st.get("lstm"), _Keep):
+                st["lstm"] = st["lstm"].value.to(device=p.device, dtype=_state_dtype(p), copy=True)
+
+    # -- copies ------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["net"] = self.net
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_weights_cache", {})
+
+
+class _Keep:
+    """A tensor hidden from torch.optim's dtype casting in load_state_dict."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Tensor):
+        self.value = value
