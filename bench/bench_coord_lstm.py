@@ -325,6 +325,25 @@ def matmul_precision() -> str:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+def device_kind(gpu_name: str | None) -> str:
+    """The device kind of a result file name: "cpu", or "cuda-<gpu>" (such as cuda-h100-80gb-hbm3)
+    when a GPU was benchmarked."""
+    return "cuda-" + _slug(re.sub(r"(?i)^nvidia\s+", "", gpu_name)) if gpu_name else "cpu"
+
+
+def write_json(result: dict, out_arg: str | None, fname: str) -> Path:
+    """Write result to out_arg (a file; a directory, or a path ending in the separator: fname inside
+    it), or to bench/results/fname without out_arg. Returns the path written."""
+    out = Path(out_arg) if out_arg else HERE / "results" / fname
+    if out_arg and (out.is_dir() or out_arg.endswith(os.sep)):
+        out = out / fname
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Table
 
@@ -358,6 +377,11 @@ def format_table(rows: list[dict], mm: dict, copy: dict) -> str:
         ("%copy", ">", lambda r: _fmt(100 * r["fused_gbs"] / copy[r["device"]]["gbs"], ".1f")),
         ("err", ">", lambda r: _fmt(r["max_scaled_diff"], ".1e")),
     ]
+    return render_table(cols, rows)
+
+
+def render_table(cols, rows: list[dict]) -> str:
+    """Aligned text table: cols is a list of (header, alignment "<" or ">", row -> cell text)."""
     cells = [[c[0] for c in cols]] + [[c[2](r) for c in cols] for r in rows]
     widths = [max(len(row[k]) for row in cells) for k in range(len(cols))]
 
@@ -480,15 +504,9 @@ def main(argv=None, prog: str | None = None) -> dict:
               "copy_gbs": {d: v["gbs"] for d, v in copy.items()},
               "rows": rows}
     if not args.no_save:
-        kind = "cuda-" + _slug(re.sub(r"(?i)^nvidia\s+", "", gpu_name)) if gpu_name else "cpu"
-        fname = f"coord_lstm-{kind}-{info['git_rev'] or 'norev'}{'-quick' if args.quick else ''}.json"
-        out = Path(args.out) if args.out else HERE / "results" / fname
-        if args.out and (out.is_dir() or args.out.endswith(os.sep)):
-            out = out / fname
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
+        fname = f"coord_lstm-{device_kind(gpu_name)}-{info['git_rev'] or 'norev'}"
+        fname += "-quick.json" if args.quick else ".json"
+        out = write_json(result, args.out, fname)
         print(f"# wrote {out}")
         result["json_path"] = str(out)
     return result

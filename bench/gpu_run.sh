@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot GPU validation of learnedopt: build the extension with CUDA in place, run the test suite,
-# run the benchmark, and collect every log.
+# run the benchmarks, and collect every log.
 #
 #   bash bench/gpu_run.sh            (from anywhere; it works in the repository that holds it)
 #
@@ -12,13 +12,16 @@
 #      -> build.log (a stale in-place learnedopt/_C*.so is removed first, so tests never run old code)
 #   3. PYTHONPATH=<repo> python3 -m pytest tests -q -x -ra -> pytest.log, pytest.xml (junit)
 #   4. PYTHONPATH=<repo> python3 bench/bench_coord_lstm.py --device all -> bench.log, coord_lstm-*.json
+#   5. PYTHONPATH=<repo> python3 bench/bench_step.py --device all -> bench_step.log, step-*.json (CUDA rows
+#      first, then CPU; its JSON is rewritten after every workload, so a run stopped by the time limit
+#      keeps the rows it measured)
 # Logs go to bench/results/gpu-<UTC date-time>/ and, when $OUT is set, to $OUT/gpu-<date-time>/ as
 # well (refreshed after every step, so a run cut short still returns what it has). A failed step does
-# not stop the later ones (but tests and benchmark are skipped when there is no built extension).
+# not stop the later ones (but tests and benchmarks are skipped when there is no built extension).
 # stdout gets the tails of the build and test logs, the benchmark table, and a summary at the end.
 #
 # Exit status: 0 when all passed; 1 when the build failed, the CUDA kernels are not usable after it,
-# the tests failed (or could not run), or the benchmark failed.
+# the tests failed (or could not run), or a benchmark failed (or ran past its time limit).
 #
 # Environment (all optional):
 #   PYTHON               interpreter (default python3)
@@ -26,6 +29,9 @@
 #   TORCH_CUDA_ARCH_LIST (default 9.0: H100 / H200)
 #   PYTEST_ARGS          extra pytest arguments (default "-x")
 #   BENCH_ARGS           extra benchmark arguments (default none: N = 1e4 1e5 1e6, repeat 5)
+#   STEP_BENCH_ARGS      extra arguments of bench_step.py (default none: sizes 1e4 .. 3e7 and the
+#                        ResNet-50 / Inception-V3 shapes, reference up to 1e7 elements)
+#   GPU_RUN_STEP_S       seconds kept for bench_step.py when the first benchmark starts (default 150)
 #   GPU_RUN_BUDGET_S     total time budget in seconds (default 570)
 #   LEARNEDOPT_GIT_REV   revision to record when the copy has no .git (the benchmark reads it)
 
@@ -36,6 +42,7 @@ BUDGET=${GPU_RUN_BUDGET_S:-570}
 DEADLINE=$((T0 + BUDGET))
 PY=${PYTHON:-python3}
 CUDA_FLAG=${GPU_RUN_CUDA:-1}
+STEP_S=${GPU_RUN_STEP_S:-150}
 ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
 NPROC=$(nproc 2>/dev/null || echo 4)
 
@@ -176,7 +183,7 @@ sync_out
 banner "4. benchmark"
 BENCH_RC=skipped
 if [ "$EXT_OK" = 1 ]; then
-    T=$(left 15)
+    T=$(left $((STEP_S + 15)))
     echo "time limit ${T}s"
     # shellcheck disable=SC2086
     PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" timeout --kill-after=10 "$T" \
@@ -189,16 +196,35 @@ fi
 sync_out
 
 # ---------------------------------------------------------------------------------------------
+banner "5. optimizer-step benchmark"
+STEP_RC=skipped
+if [ "$EXT_OK" = 1 ]; then
+    T=$(left 15)
+    echo "time limit ${T}s"
+    # shellcheck disable=SC2086
+    PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" timeout --kill-after=10 "$T" \
+        "$PY" bench/bench_step.py --device all --out "$RES/" ${STEP_BENCH_ARGS:-} 2>&1 | tee "$RES/bench_step.log"
+    STEP_RC=${PIPESTATUS[0]}
+    echo "optimizer-step benchmark exit status: $STEP_RC"
+    case "$STEP_RC" in 124|137) echo "(stopped by the time limit; the JSON holds the workloads finished before)" ;; esac
+else
+    echo "skipped: the extension did not build"
+fi
+sync_out
+
+# ---------------------------------------------------------------------------------------------
 banner "summary"
 STATUS=0
 [ "$BUILD_RC" = 0 ] || STATUS=1
 [ "$CUDA_OK" = 0 ] && STATUS=1
 [ "$TEST_RC" = 0 ] || STATUS=1
 [ "$BENCH_RC" = 0 ] || STATUS=1
+[ "$STEP_RC" = 0 ] || STATUS=1
 {
     echo "build:     exit $BUILD_RC (LEARNEDOPT_CUDA=$CUDA_FLAG)  extension loads: $EXT_OK  CUDA kernels usable: $CUDA_OK"
     echo "tests:     exit $TEST_RC  $(grep -E ' in [0-9.]+s( \([0-9:]+\))?( =+)?$' "$RES/pytest.log" 2>/dev/null | tail -n 1)"
     echo "benchmark: exit $BENCH_RC  $(ls "$RES"/coord_lstm-*.json 2>/dev/null | xargs -r -n1 basename | tr '\n' ' ')"
+    echo "step:      exit $STEP_RC  $(ls "$RES"/step-*.json 2>/dev/null | xargs -r -n1 basename | tr '\n' ' ')"
     echo "results:   $RES${OUT:+  (and \$OUT/$NAME)}"
     echo "elapsed:   $(($(date +%s) - T0)) s"
     echo "status:    $STATUS"

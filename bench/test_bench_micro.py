@@ -119,3 +119,25 @@ def test_bench_script_smoke(tmp_path):
     assert data["rows"][0]["bytes_per_coord"] == 4 * (I + 4 * H)
     assert all(r["max_scaled_diff"] < 1e-4 for r in data["rows"])
     assert res["rows"][0]["N"] == 1000 and data["mm_gflops"]["cpu"] > 0
+
+
+@needs_ext
+def test_bench_step_smoke(tmp_path):
+    """bench_step.main runs end to end on a tiny list and writes its JSON; the model shape lists
+    match torchvision's counts."""
+    spec = importlib.util.spec_from_file_location("bench_step_smoke", HERE / "bench_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "s.json"
+    res = mod.main(["--sizes", "2000", "--repeat", "1", "--warmup", "1", "--device", "cpu", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["complete"] and [r["impl"] for r in data["rows"]] == mod.IMPLS
+    by = {r["impl"]: r for r in data["rows"]}
+    assert by["adam-foreach"]["bytes_per_elem"] == 28
+    assert by["l2l-fused"]["bytes_per_elem"] == 4 * (2 + 80) + 4 * (1 + 80) == 652
+    assert by["l2l-fused"]["max_scaled_diff"] < 1e-4 and by["l2l-fused"]["speedup_vs_ref"] > 0
+    assert all(r["numel"] == 2000 and r["median_ms"] > 0 for r in data["rows"])
+    assert sum(torch.Size(s).numel() for s in mod.synthetic_shapes(30_000_000)) == 30_000_000
+    assert res["rows"][0]["device"] == "cpu"
+    for name, (n_tensors, numel) in mod.model_shapes.EXPECTED.items():
+        assert len(mod.model_shapes.shapes(name)) == n_tensors and mod.model_shapes.numel(name) == numel
