@@ -1125,3 +1125,33 @@ def test_add_param_group_and_one_op_call_per_group_and_device():
     assert_matches(lstm_states(opt, params), twin.states)
     with pytest.raises(ValueError, match="more than one parameter group"):
         opt.add_param_group({"params": params[:1]})
+
+
+def test_inductor_compiled_training_step_matches_eager():
+    """A training step (forward, backward, optimizer.step, zero_grad) compiled with the default
+    backend (inductor) gives the parameters of the eager step."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = torch.nn.Linear(8, 1)
+    m2 = copy.deepcopy(m)
+    o = L2LOptimizer(m.parameters(), net=make_net(), lr=0.1)
+    o2 = L2LOptimizer(m2.parameters(), net=copy.deepcopy(o.net), lr=0.1)
+    x = torch.randn(16, 8)
+
+    def train(model, opt):
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    try:
+        compiled = torch.compile(train)
+        for _ in range(3):
+            a, b = compiled(m, o), train(m2, o2)
+            torch.testing.assert_close(a, b)
+    finally:
+        torch._dynamo.reset()
+    for p, q in zip(m.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(o.state[m.weight]["lstm"], o2.state[m2.weight]["lstm"], atol=1e-6, rtol=1e-6)
