@@ -26,6 +26,13 @@ std::vector<Item> make_items(const std::vector<int64_t>& numels, int64_t rpb) {
   return items;
 }
 
+// The gradient the network reads: g' = g / grad_scale + weight_decay * p (one definition for the
+// finiteness pass and the update pass).
+template <typename acc_t, typename scalar_t>
+inline acc_t net_input_grad(scalar_t g, scalar_t p, acc_t inv_scale, acc_t weight_decay) {
+  return acc_t(g) * inv_scale + weight_decay * acc_t(p);
+}
+
 // One group of parameters whose state (and compute) dtype is acc_t (float or double).
 template <typename acc_t>
 void step_group(const std::vector<int64_t>& idx, TensorList params, TensorList grads, TensorList states,
@@ -75,7 +82,7 @@ void step_group(const std::vector<int64_t>& idx, TensorList params, TensorList g
         const scalar_t* p = P[it.param].const_data_ptr<scalar_t>() + it.r0;
         bool ok = true;
         for (int64_t r = 0; r < it.rows; ++r)
-          ok &= std::isfinite(acc_t(g[r]) * acc_t(inv_scale) + acc_t(weight_decay) * acc_t(p[r]));
+          ok &= std::isfinite(net_input_grad(g[r], p[r], acc_t(inv_scale), acc_t(weight_decay)));
         item_ok[k] = ok;
       }
     });
@@ -104,7 +111,7 @@ void step_group(const std::vector<int64_t>& idx, TensorList params, TensorList g
         // The network's input, unit-major: layer 0's zT rows [0, I0) (or the read-out input).
         acc_t* x = L ? bs.layer[0].zT.mutable_data_ptr<acc_t>() : y + rpb;
         for (int64_t r = 0; r < B; ++r) {
-          const acc_t gv = acc_t(g[r]) * acc_t(inv_scale) + acc_t(weight_decay) * acc_t(p[r]);
+          const acc_t gv = net_input_grad(g[r], p[r], acc_t(inv_scale), acc_t(weight_decay));
           if (log_sign) {
             const auto ls = log_sign_preprocess(gv, pp, exp_p);
             x[r] = ls.log_part;
