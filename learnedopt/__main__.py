@@ -77,6 +77,130 @@ def bench(args: list[str], cmd: str = "bench") -> int:
     return 1 if any(r.get("error") for r in res.get("rows", [])) else 0  # bench-step: an implementation failed
 
 
+def meta_train(args: list[str]) -> int:
+    import argparse
+
+    from . import meta
+
+    ap = argparse.ArgumentParser(prog=f"{PROG} meta-train", description="Meta-train a learned update rule.")
+    ap.add_argument("--config", required=True, help="JSON file of learnedopt.meta.MetaConfig keys (see configs/)")
+    ap.add_argument("--out", required=True, help="output folder: log.jsonl, checkpoint.pt, best.pt, final.pt, curves.png")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (exactly)")
+    ap.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    a = ap.parse_args(args)
+    cfg = meta.MetaConfig.from_file(a.config)
+    if a.epochs is not None:
+        cfg.epochs = a.epochs
+    trainer = meta.MetaTrainer(cfg, a.out, resume=a.resume)
+    trainer.run()
+    print(f"{PROG} meta-train: {trainer.epoch} epochs, {trainer.skipped} meta-steps skipped (non-finite); "
+          f"best evaluation loss {trainer.best}; rule weights in {a.out}/best.pt and {a.out}/final.pt")
+    return 0
+
+
+def _load_learned(spec: str):
+    """``NAME`` of shipped weights, or ``[LABEL=]PATH`` of a file written by learnedopt.meta.save_rule."""
+    from . import meta, pretrained
+
+    label, _, where = spec.rpartition("=")
+    if where in pretrained.WEIGHTS:
+        return label or where, pretrained.load(where)
+    path = Path(where)
+    if not path.is_file():
+        raise SystemExit(f"{PROG}: --rule {spec!r} is neither shipped weights ({', '.join(pretrained.available())}) "
+                         "nor a file")
+    return label or path.parent.name + "/" + path.stem, meta.load_rule(path)
+
+
+def evaluate_cmd(args: list[str]) -> int:
+    import argparse
+    import json
+
+    from . import evaluate, tasks
+
+    ap = argparse.ArgumentParser(prog=f"{PROG} evaluate", description=(
+        "Learned optimizers against SGD, RMSprop, Adam and NAG with tuned learning rates, on the same "
+        "trajectories; prints a Markdown table and writes results.json, table.md and curves.png."))
+    ap.add_argument("--task", default="mnist", help="task family: " + ", ".join(sorted(tasks.FAMILIES)))
+    ap.add_argument("--task-kwargs", default="{}", help='JSON keyword arguments of the family, e.g. \'{"hidden": [40]}\'')
+    ap.add_argument("--rule", action="append", default=[],
+                    help="learned rule: shipped weights NAME or [LABEL=]PATH to a .pt of meta-train (repeatable)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--runs", type=int, default=10, help="evaluation trajectories (mean and std reported)")
+    ap.add_argument("--seed", type=int, default=1000, help="seed of the evaluation trajectories (held out: "
+                    "meta-training and its evaluations use other seeds)")
+    ap.add_argument("--baselines", nargs="*", default=["sgd", "rmsprop", "adam", "nag"])
+    ap.add_argument("--tune-runs", type=int, default=3, help="trajectories per learning rate when tuning")
+    ap.add_argument("--out", default=None, help="folder for results.json, table.md, curves.png")
+    ap.add_argument("--title", default="")
+    a = ap.parse_args(args)
+    kwargs = json.loads(a.task_kwargs)
+    if a.task == "mnist":
+        kwargs.setdefault("split", "test")  # digits never seen in meta-training
+    family = tasks.make_family(a.task, **kwargs)
+    learned = dict(_load_learned(s) for s in a.rule)
+    result = evaluate.evaluate(learned, family, steps=a.steps, runs=a.runs, seed=a.seed, baselines=a.baselines,
+                               tune_runs=a.tune_runs)
+    result["task"] = {"family": a.task, **kwargs}
+    title = a.title or f"{a.task} {json.dumps(kwargs)}, {a.steps} steps"
+    table = evaluate.format_table(result, title)
+    print(table)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        evaluate.save_result(result, out / "results.json")
+        (out / "table.md").write_text(table)
+        evaluate.plot_curves(result, out / "curves.png", title)
+        print(f"wrote {out}/results.json, table.md, curves.png")
+    return 0
+
+
+def demo(args: list[str]) -> int:
+    import argparse
+
+    from . import evaluate, pretrained, tasks
+    from .optim import L2LOptimizer
+
+    ap = argparse.ArgumentParser(prog=f"{PROG} demo", description=(
+        "Train an MLP (784-20-10, sigmoid) on real MNIST digits never seen in meta-training with the shipped "
+        "learned optimizer (L2LOptimizer, pretrained='l2l-mnist') and with Adam (learning rate tuned on a grid), "
+        "on the same minibatches; print a table and write a PNG."))
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tune-runs", type=int, default=2)
+    ap.add_argument("--weights", default="l2l-mnist", help="shipped weights: " + ", ".join(pretrained.available()))
+    ap.add_argument("--out", default="runs/demo")
+    a = ap.parse_args(args)
+    if a.weights not in pretrained.available():
+        raise SystemExit(f"{PROG} demo: weights {a.weights!r} not installed; available: {pretrained.available()}")
+    family = tasks.make_family("mnist", split="test")
+    name = f"L2LOptimizer ({a.weights})"
+    learned = {name: lambda ps: L2LOptimizer(ps, pretrained=a.weights)}
+    print(f"{PROG} demo: MNIST MLP 784-20-10 (sigmoid), batch 128, {a.steps} steps, {a.runs} runs; tuning Adam's "
+          f"learning rate on {len(evaluate.LR_GRID)} values x {a.tune_runs} runs ...", flush=True)
+    result = evaluate.evaluate(learned, family, steps=a.steps, runs=a.runs, seed=1000, baselines=("adam",),
+                               tune_runs=a.tune_runs)
+    title = f"MNIST MLP, {a.steps} steps: learned vs tuned Adam"
+    print()
+    print(evaluate.format_table(result, title))
+    curves = {k: m["curve"] for k, m in result["methods"].items()}
+    marks = [s for s in (0, 10, 25, 50, a.steps // 2, a.steps) if s <= a.steps]
+    marks = sorted(set(marks))
+    print("| step | " + " | ".join(curves) + " |")
+    print("|---|" + "---|" * len(curves))
+    for s in marks:
+        print(f"| {s} | " + " | ".join(f"{c[s]:.4f}" for c in curves.values()) + " |")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluate.save_result(result, out / "demo.json")
+    evaluate.plot_curves(result, out / "demo.png", title)
+    print(f"\nwrote {out}/demo.png and {out}/demo.json")
+    return 0
+
+
+COMMANDS = {"meta-train": meta_train, "evaluate": evaluate_cmd, "demo": demo}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -85,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd in BENCHMARKS:
         return bench(rest, cmd)
+    if cmd in COMMANDS:
+        return COMMANDS[cmd](rest)
     sys.stderr.write(f"{PROG}: unknown command {cmd!r}\n\n{USAGE}")
     return 2
 

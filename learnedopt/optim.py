@@ -42,7 +42,9 @@ class L2LOptimizer(Optimizer):
         params: parameters or parameter groups, as any ``torch.optim`` optimizer.
         net: the update rule; its parameters are the meta-parameters (not changed by ``step``).
             Default: ``CoordinateLSTMNet()`` freshly initialised — an *untrained* rule, which is only
-            useful for testing; pass a meta-trained net.
+            useful for testing; pass a meta-trained net or ``pretrained``.
+        pretrained: the name of weights shipped in the package (``learnedopt.pretrained.available()``,
+            e.g. ``"l2l-mnist"``) instead of ``net``.
         lr: multiplies the update (``lr = 0`` leaves parameters unchanged). May differ per group and
             follows ``torch.optim.lr_scheduler``.
         weight_decay: L2 penalty added to the gradient before the network reads it.
@@ -59,16 +61,24 @@ class L2LOptimizer(Optimizer):
 
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, net: CoordinateLSTMNet | None = None, lr: float = 1.0, weight_decay: float = 0.0):
+    def __init__(self, params, net: CoordinateLSTMNet | None = None, lr: float = 1.0, weight_decay: float = 0.0,
+                 pretrained: str | None = None):
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"L2LOptimizer: lr must be a finite number >= 0, got {lr!r}")
         if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
             raise ValueError(f"L2LOptimizer: weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        if pretrained is not None:
+            if net is not None:
+                raise ValueError("L2LOptimizer: pass net or pretrained, not both")
+            from . import pretrained as _pretrained
+
+            net = _pretrained.load_net(pretrained)
         if net is None:
             net = CoordinateLSTMNet()
         if not isinstance(net, CoordinateLSTMNet):
             raise TypeError(f"L2LOptimizer: net must be a learnedopt.nets.CoordinateLSTMNet, got {type(net).__name__}")
         self.net = net
+        self.pretrained = pretrained
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self._weights_cache: dict[Any, tuple] = {}
 
@@ -153,6 +163,7 @@ class L2LOptimizer(Optimizer):
     def _add_net(self: "L2LOptimizer", state_dict: dict[str, Any]) -> dict[str, Any]:
         net = self.net
         state_dict["net"] = {
+            "pretrained": self.pretrained,
             "layers": list(net.layers),
             "preprocess": net.preprocess,
             "p": net.p,
@@ -181,6 +192,7 @@ class L2LOptimizer(Optimizer):
             if cfg != (self.net.layers, self.net.preprocess, self.net.p, self.net.output_scale):
                 self.net = CoordinateLSTMNet(*cfg).to(next(self.net.parameters()).device)
             self.net.load_state_dict(net_sd["weights"])
+            self.pretrained = net_sd.get("pretrained")
             self._weights_cache.clear()
         # torch.optim casts floating state to the parameter's dtype; the LSTM state keeps its own
         # (float32, or float64). Wrapped in a _Keep, it passes through that cast untouched.
@@ -205,6 +217,7 @@ class L2LOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_weights_cache", {})
+        self.__dict__.setdefault("pretrained", None)
 
 
 class _Keep:

@@ -1,0 +1,159 @@
+"""Evaluation of learned optimizers against hand-written ones with tuned learning rates.
+
+Every method optimizes the same trajectories: run ``i`` draws its task, θ₀ and minibatches from a
+generator seeded with ``(seed, i)``, and every method consumes it in the same order (θ₀, one batch
+per step, one more for the end point), so the curves differ only by the update rule.
+
+Baselines (Andrychowicz et al. 2016: SGD, RMSprop, ADAM and NAG, each with its learning rate tuned;
+other hyper-parameters at Torch7's defaults): ``sgd``; ``rmsprop`` (α = 0.99, ε = 1e-8); ``adam``
+(β = (0.9, 0.999), ε = 1e-8); ``nag`` (Nesterov momentum 0.9). The learning rate of each is picked
+from ``LR_GRID`` by the lowest mean final loss over ``tune_runs`` trajectories that are *not* the
+evaluation trajectories (seeds ``(seed + 1, i)``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .meta import run_rule
+from .tasks import Task, TaskFamily
+
+__all__ = ["BASELINES", "LR_GRID", "run_optimizer", "tune_lr", "evaluate", "format_table", "plot_curves"]
+
+BASELINES: dict[str, Callable[[list[Tensor], float], torch.optim.Optimizer]] = {
+    "sgd": lambda ps, lr: torch.optim.SGD(ps, lr=lr),
+    "rmsprop": lambda ps, lr: torch.optim.RMSprop(ps, lr=lr, alpha=0.99, eps=1e-8),
+    "adam": lambda ps, lr: torch.optim.Adam(ps, lr=lr, betas=(0.9, 0.999), eps=1e-8),
+    "nag": lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, nesterov=True),
+}
+LR_GRID = tuple(round(10 ** (k / 2), 6) for k in range(-9, 3))  # 3.2e-5 ... 10, half decades
+
+
+def _generator(seed: int, run: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + run)
+
+
+def run_optimizer(make_opt: Callable[[list[Tensor]], torch.optim.Optimizer], task: Task, steps: int,
+                  generator: torch.Generator) -> tuple[list[float], list[Tensor]]:
+    """Optimizes ``task`` with a ``torch.optim`` optimizer built by ``make_opt(params)``. Returns the
+    losses at t = 0 … steps (the last on a fresh batch) and the final parameters; a diverged run
+    continues with inf losses."""
+    params = [p.requires_grad_(True) for p in task.init_params(generator)]
+    opt = make_opt(params)
+    losses = []
+    for _ in range(steps):
+        loss = task.loss(params, task.sample_batch(generator))
+        losses.append(float(loss.detach()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        losses.append(float(task.loss(params, task.sample_batch(generator))))
+    return [x if math.isfinite(x) else math.inf for x in losses], [p.detach() for p in params]
+
+
+def _runs(method: Callable[[Task, torch.Generator], list[float]], family: TaskFamily, steps: int, seed: int,
+          runs: int) -> list[list[float]]:
+    out = []
+    for i in range(runs):
+        g = _generator(seed, i)
+        out.append(method(family.sample(g), g))
+    return out
+
+
+def _method(spec: nn.Module | Callable[[list[Tensor]], torch.optim.Optimizer], steps: int):
+    if isinstance(spec, nn.Module):  # a learned update rule (learnedopt.meta interface)
+        return lambda task, g: [x if math.isfinite(x) else math.inf for x in run_rule(spec, task, steps, g)[0]]
+    return lambda task, g: run_optimizer(spec, task, steps, g)[0]
+
+
+def tune_lr(name: str, family: TaskFamily, steps: int, seed: int = 0, runs: int = 3,
+            grid: Sequence[float] = LR_GRID) -> tuple[float, dict[float, float]]:
+    """The learning rate of baseline ``name`` with the lowest mean final loss over ``runs`` tuning
+    trajectories (seeds ``(seed + 1, i)``). Returns ``(best_lr, {lr: mean final loss})``."""
+    scores = {}
+    for lr in grid:
+        curves = _runs(_method(lambda ps, lr=lr: BASELINES[name](ps, lr), steps), family, steps, seed + 1, runs)
+        finals = [c[-1] for c in curves]
+        scores[lr] = sum(finals) / len(finals)
+    best = min(scores, key=lambda lr: (scores[lr], lr))
+    if best in (min(grid), max(grid)):
+        print(f"learnedopt.evaluate: the tuned learning rate of {name} ({best}) is at the edge of the grid")
+    return best, scores
+
+
+def evaluate(learned: dict[str, nn.Module | Callable], family: TaskFamily, steps: int = 100, runs: int = 10,
+             seed: int = 0, baselines: Sequence[str] = ("sgd", "rmsprop", "adam", "nag"), tune_runs: int = 3,
+             grid: Sequence[float] = LR_GRID, lrs: dict[str, float] | None = None) -> dict[str, Any]:
+    """Learned optimizers (update rules, or ``make_opt(params)`` callables) and tuned baselines on the
+    same ``runs`` trajectories of ``steps`` steps. ``lrs`` fixes baseline learning rates instead of
+    tuning them. Returns ``{"steps", "runs", "methods": {name: {"lr", "curve" (mean loss per step),
+    "final_mean", "final_std", "finals"}}}``."""
+    methods: dict[str, dict[str, Any]] = {}
+    for name, spec in learned.items():
+        methods[name] = {"lr": None, "curves": _runs(_method(spec, steps), family, steps, seed, runs)}
+    for name in baselines:
+        if name not in BASELINES:
+            raise ValueError(f"evaluate: unknown baseline {name!r}; known: {sorted(BASELINES)}")
+        lr = (lrs or {}).get(name)
+        scores = None
+        if lr is None:
+            lr, scores = tune_lr(name, family, steps, seed, tune_runs, grid)
+        curves = _runs(_method(lambda ps, lr=lr, name=name: BASELINES[name](ps, lr), steps), family, steps, seed, runs)
+        methods[name] = {"lr": lr, "tuning": scores, "curves": curves}
+    for m in methods.values():
+        curves = torch.tensor(m.pop("curves"), dtype=torch.float64)
+        finals = curves[:, -1]
+        m["curve"] = curves.mean(0).tolist()
+        m["finals"] = finals.tolist()
+        m["final_mean"] = float(finals.mean())
+        m["final_std"] = float(finals.std()) if len(finals) > 1 else 0.0
+    return {"steps": steps, "runs": runs, "seed": seed, "methods": methods}
+
+
+def format_table(result: dict[str, Any], title: str = "") -> str:
+    """A Markdown table of final losses, best first."""
+    rows = sorted(result["methods"].items(), key=lambda kv: kv[1]["final_mean"])
+    lines = [f"**{title}**", ""] if title else []
+    lines += [f"| method | learning rate | final loss (mean ± std over {result['runs']} runs, step {result['steps']}) |",
+              "|---|---|---|"]
+    for name, m in rows:
+        lr = "learned" if m["lr"] is None else f"{m['lr']:g} (tuned)" if m.get("tuning") else f"{m['lr']:g}"
+        lines.append(f"| {name} | {lr} | {m['final_mean']:.4f} ± {m['final_std']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(result: dict[str, Any], png: str | os.PathLike, title: str = "") -> None:
+    """PNG of the mean loss per step of every method (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in sorted(result["methods"].items(), key=lambda kv: kv[1]["final_mean"]):
+        label = name if m["lr"] is None else f"{name} (lr {m['lr']:g})"
+        ax.plot(range(len(m["curve"])), m["curve"], label=label, lw=2.0 if m["lr"] is None else 1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"loss (mean of {result['runs']} runs)")
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def save_result(result: dict[str, Any], path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)

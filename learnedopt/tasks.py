@@ -1,0 +1,201 @@
+"""Functional optimization tasks for meta-training and evaluation.
+
+A **task** is a problem to optimize, written functionally so that an unrolled optimization can be
+differentiated through:
+
+* ``task.init_params(generator) -> list[Tensor]``: initial parameters θ₀ (plain tensors);
+* ``task.sample_batch(generator, split="train")``: a batch (``None`` for deterministic problems);
+  ``split="valid"`` gives held-out data for train-by-validation;
+* ``task.loss(params, batch) -> Tensor``: the scalar loss f(θ; batch), differentiable in ``params``.
+
+A **task family** draws task instances: ``family.sample(generator) -> Task`` (a new quadratic per
+call; the MNIST family returns its one task, whose randomness is θ₀ and the minibatches). Every
+random number comes from the ``torch.Generator`` passed in, so runs are seeded and reproducible.
+
+Included (Andrychowicz et al. 2016 and its official code):
+
+* ``simple``: f(x) = x² from x = 1 (the official tests' problem);
+* ``quadratic``: f(θ) = mean over F functions of ‖W θ − y‖², W [d, d] and y [d] Gaussian (the paper;
+  the official code averages F = 128 independent functions per task and draws θ₀ ~ N(0, 0.01²));
+* ``mnist``: cross-entropy of an MLP on real MNIST digits (:func:`learnedopt.data.mnist`), one hidden
+  layer of 20 sigmoid units, minibatches of 128 drawn with replacement, weights and biases
+  ~ N(0, 0.01²); variants by ``hidden`` (``(40,)``, ``(20, 20)``) and ``activation="relu"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Task", "TaskFamily", "SimpleTask", "QuadraticTask", "QuadraticFamily", "MNISTTask", "FixedFamily",
+           "make_family", "FAMILIES"]
+
+
+class Task:
+    """Base class of a functional task (see the module docstring)."""
+
+    name = "task"
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        raise NotImplementedError
+
+    def sample_batch(self, generator: torch.Generator, split: str = "train") -> Any:
+        return None
+
+    def loss(self, params: Sequence[Tensor], batch: Any) -> Tensor:
+        raise NotImplementedError
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.init_params(torch.Generator().manual_seed(0)))
+
+
+class TaskFamily:
+    """Draws task instances: ``sample(generator) -> Task``."""
+
+    name = "family"
+
+    def sample(self, generator: torch.Generator) -> Task:
+        raise NotImplementedError
+
+
+class FixedFamily(TaskFamily):
+    """A family of one task (its randomness is θ₀ and the batches)."""
+
+    def __init__(self, task: Task):
+        self.task = task
+        self.name = task.name
+
+    def sample(self, generator: torch.Generator) -> Task:
+        return self.task
+
+
+class SimpleTask(Task):
+    """f(x) = x², x₀ = 1 (google-deepmind/learning-to-learn's "simple" problem)."""
+
+    name = "simple"
+
+    def __init__(self, x0: float = 1.0, dtype: torch.dtype = torch.float32):
+        self.x0, self.dtype = float(x0), dtype
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        return [torch.full((1,), self.x0, dtype=self.dtype)]
+
+    def loss(self, params: Sequence[Tensor], batch: Any) -> Tensor:
+        return params[0].square().sum()
+
+
+class QuadraticTask(Task):
+    """f(θ) = (1/F) Σ_f ‖W_f θ_f − y_f‖², θ [F, d]; deterministic (no batches)."""
+
+    name = "quadratic"
+
+    def __init__(self, W: Tensor, y: Tensor, init_std: float = 0.01):
+        if W.dim() != 3 or y.dim() != 2 or W.shape[:2] != y.shape or W.shape[1] != W.shape[2]:
+            raise ValueError(f"QuadraticTask: W must be [F, d, d] and y [F, d], got {tuple(W.shape)} and {tuple(y.shape)}")
+        self.W, self.y, self.init_std = W, y, float(init_std)
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        F_, d = self.y.shape
+        return [torch.randn(F_, d, generator=generator, dtype=self.y.dtype) * self.init_std]
+
+    def loss(self, params: Sequence[Tensor], batch: Any) -> Tensor:
+        r = torch.bmm(self.W, params[0].unsqueeze(-1)).squeeze(-1) - self.y
+        return r.square().sum(-1).mean()
+
+
+class QuadraticFamily(TaskFamily):
+    """New Gaussian W [d, d] and y [d] (F functions of them) per task: the paper's quadratics."""
+
+    name = "quadratic"
+
+    def __init__(self, dim: int = 10, num_functions: int = 128, init_std: float = 0.01,
+                 dtype: torch.dtype = torch.float32):
+        if dim < 1 or num_functions < 1:
+            raise ValueError(f"QuadraticFamily: dim and num_functions must be >= 1, got {dim} and {num_functions}")
+        self.dim, self.num_functions, self.init_std, self.dtype = int(dim), int(num_functions), init_std, dtype
+
+    def sample(self, generator: torch.Generator) -> QuadraticTask:
+        W = torch.randn(self.num_functions, self.dim, self.dim, generator=generator, dtype=self.dtype)
+        y = torch.randn(self.num_functions, self.dim, generator=generator, dtype=self.dtype)
+        return QuadraticTask(W, y, self.init_std)
+
+
+ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh}
+
+
+class MNISTTask(Task):
+    """Cross-entropy of an MLP (784 → hidden… → 10) on real MNIST digits.
+
+    Args:
+        hidden: hidden layer sizes (paper: ``(20,)``; variants ``(40,)``, ``(20, 20)``).
+        activation: ``"sigmoid"`` (paper), ``"relu"`` or ``"tanh"``.
+        batch_size: minibatch size, drawn uniformly with replacement at every step (paper: 128).
+        split: the digits the task is trained on: ``"train"`` for meta-training, ``"test"`` for
+            evaluation (:func:`learnedopt.data.mnist`); ``sample_batch(g, "valid")`` draws from
+            ``valid_split`` (default ``"valid"``).
+        init_std: weights and biases ~ N(0, init_std²) (official code: 0.01).
+    """
+
+    name = "mnist"
+
+    def __init__(self, hidden: Sequence[int] = (20,), activation: str = "sigmoid", batch_size: int = 128,
+                 split: str = "train", valid_split: str = "valid", init_std: float = 0.01):
+        from . import data
+
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MNISTTask: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if batch_size < 1:
+            raise ValueError(f"MNISTTask: batch_size must be >= 1, got {batch_size}")
+        self.hidden = tuple(int(h) for h in hidden)
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"MNISTTask: hidden sizes must be >= 1, got {self.hidden}")
+        self.activation, self.batch_size, self.init_std = activation, int(batch_size), float(init_std)
+        self.split, self.valid_split = split, valid_split
+        self.data = {"train": data.mnist(split), "valid": data.mnist(valid_split)}
+        self.sizes = (784,) + self.hidden + (10,)
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        params = []
+        for fan_in, fan_out in zip(self.sizes[:-1], self.sizes[1:]):
+            params.append(torch.randn(fan_in, fan_out, generator=generator) * self.init_std)
+            params.append(torch.randn(fan_out, generator=generator) * self.init_std)
+        return params
+
+    def sample_batch(self, generator: torch.Generator, split: str = "train") -> tuple[Tensor, Tensor]:
+        x, y = self.data[split]
+        idx = torch.randint(0, x.shape[0], (self.batch_size,), generator=generator)
+        return x[idx], y[idx]
+
+    def full_batch(self, split: str = "train") -> tuple[Tensor, Tensor]:
+        return self.data[split]
+
+    def logits(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
+        act = ACTIVATIONS[self.activation]
+        n = len(params) // 2
+        for l in range(n):
+            x = torch.addmm(params[2 * l + 1], x, params[2 * l])
+            if l < n - 1:
+                x = act(x)
+        return x
+
+    def loss(self, params: Sequence[Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.logits(params, x), y)
+
+
+def make_family(name: str, **kwargs) -> TaskFamily:
+    """A task family by name: ``"simple"``, ``"quadratic"`` (kwargs of :class:`QuadraticFamily`) or
+    ``"mnist"`` (kwargs of :class:`MNISTTask`)."""
+    if name not in FAMILIES:
+        raise ValueError(f"make_family: unknown task family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name](**kwargs)
+
+
+FAMILIES = {
+    "simple": lambda **kw: FixedFamily(SimpleTask(**kw)),
+    "quadratic": QuadraticFamily,
+    "mnist": lambda **kw: FixedFamily(MNISTTask(**kw)),
+}
