@@ -1,10 +1,15 @@
 """Command line of learnedopt: ``python -m learnedopt <command> [args]``.
 
 Commands:
+  demo [args]         the main job: the shipped learned optimizer vs tuned Adam on an MNIST MLP.
+  meta-train --config FILE --out DIR [--resume]
+                      meta-train a learned update rule (learnedopt.meta.MetaTrainer).
+  evaluate [args]     learned rules vs SGD / RMSprop / Adam / NAG with tuned learning rates.
   bench [args]        time the fused coord_lstm op against the pure-PyTorch reference
                       (bench/bench_coord_lstm.py of the source checkout; needs an editable install).
   bench-step [args]   time one optimizer step: L2LOptimizer (fused), its reference, torch.optim.Adam
                       (bench/bench_step.py of the source checkout; needs an editable install).
+  bench-meta [args]   time one meta-training unroll (forward + backward): fused ops vs reference.
 """
 
 from __future__ import annotations
@@ -19,6 +24,16 @@ USAGE = f"""\
 usage: {PROG} <command> [args]
 
 commands:
+  demo [args]    the main job: train an MLP on real MNIST digits (never seen in meta-training) with
+                 the shipped learned optimizer (L2LOptimizer, pretrained="l2l-mnist") and with Adam
+                 (learning rate tuned on a grid) on the same minibatches; prints a table, writes
+                 runs/demo/demo.png. About a minute on CPU. `{PROG} demo --help` for options.
+  meta-train --config FILE --out DIR [--resume] [--epochs N]
+                 meta-train a learned update rule by truncated BPTT (configs/*.json); writes
+                 log.jsonl, checkpoint.pt (exact resume), best.pt, final.pt, curves.png.
+  evaluate --task T --rule NAME|PATH [args]
+                 learned rules against SGD, RMSprop, Adam and NAG with tuned learning rates on the
+                 same trajectories: Markdown table, results.json, curves.png.
   bench [args]   time learnedopt.coord_lstm (fused) against learnedopt.reference.coord_lstm,
                  forward and forward+backward, on CPU and on CUDA when available; prints a table
                  and writes JSON under bench/results/.
@@ -33,12 +48,16 @@ commands:
                  shapes; about a minute on CPU). `--full` gives the full table (1e4 .. 3e7 elements and
                  the ResNet-50 / Inception-V3 shapes; many minutes on CPU).
                  `{PROG} bench-step --help` lists every option.
+  bench-meta [args]
+                 time one meta-training unroll (20 steps of the L2L rule on an MNIST MLP, forward and
+                 backward) through the fused ops vs the pure-PyTorch reference; `--full` for all sizes.
 """
 
 # command -> (benchmark script in bench/, what the full configuration is)
 BENCHMARKS = {
     "bench": ("bench_coord_lstm.py", "--sizes 1e4 1e5 1e6 (or --full) gives the full table."),
     "bench-step": ("bench_step.py", "--full gives the full table (sizes 1e4 .. 3e7 and the two models)."),
+    "bench-meta": ("bench_meta.py", "--full gives the full table (MLP hidden sizes 20, 100, 400; 5 repeats)."),
 }
 
 
@@ -68,7 +87,8 @@ def bench(args: list[str], cmd: str = "bench") -> int:
         print(f"'{PROG} {cmd}' adds --quick unless --sizes or --full is given; {BENCHMARKS[cmd][1]}\n")
     full = "--full" in args
     args = [a for a in args if a != "--full"]
-    if not full and not any(a == "--sizes" or a.startswith("--sizes=") for a in args) and "--quick" not in args:
+    size_opt = "--hidden" if cmd == "bench-meta" else "--sizes"
+    if not full and not any(a == size_opt or a.startswith(size_opt + "=") for a in args) and "--quick" not in args:
         args = ["--quick"] + args
     mod = load_bench(cmd)
     if mod is None:

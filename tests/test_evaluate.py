@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import requires_mnist
 
 import learnedopt
 from learnedopt import evaluate, meta, pretrained, tasks
@@ -15,6 +16,7 @@ def _family():
     return tasks.make_family("quadratic", dim=4, num_functions=3)
 
 
+@requires_mnist
 def test_rules_and_baselines_see_the_same_trajectories():
     """The learned rule θ ← θ − η g and torch.optim.SGD with lr η are the same optimizer: on the same
     trajectories (θ₀, batches) their curves must be identical."""
@@ -51,6 +53,7 @@ def test_evaluate_table_and_plot(tmp_path):
 
 
 # -- the optimizer runs the rule it was meta-trained as -------------------------------------------
+@requires_mnist
 def test_l2l_optimizer_follows_the_meta_trained_rule():
     """L2LOptimizer (fused in-place step, state in optimizer.state) and L2LRule (the meta-training
     path) apply the same update rule: the same trajectory on an MNIST MLP."""
@@ -124,6 +127,7 @@ def test_cli_meta_train_resume_and_evaluate(tmp_path, capsys):
     assert set(res["methods"]) == {"mine", "adam"} and res["task"]["family"] == "quadratic"
 
 
+@requires_mnist
 def test_cli_demo_small(tmp_path, capsys):
     assert main(["demo", "--steps", "3", "--runs", "1", "--tune-runs", "1", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import requires_mnist
 from torch import nn
 
 from learnedopt import meta, tasks
@@ -139,6 +140,7 @@ def test_fused_and_reference_unrolls_agree():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@requires_mnist
 def test_l2l_rule_one_op_call_per_step(monkeypatch):
     calls = []
     real = meta.CoordinateLSTMNet.forward
@@ -308,6 +310,7 @@ def test_save_and_load_rule(tmp_path):
 
 
 # -- tasks ----------------------------------------------------------------------------------------
+@requires_mnist
 def test_mnist_task():
     from learnedopt import data
 
