@@ -31,8 +31,8 @@ WEIGHTS: dict[str, tuple[str, str, str]] = {
     ),
     "l2l-quadratic": (
         "l2l-quadratic.pt",
-        "L2L (2x20 coordinatewise LSTM, no preprocessing, output x1) meta-trained on 10-d Gaussian "
-        "quadratics ||W theta - y||^2, 100 steps, unroll 20",
+        "L2L (2x20 coordinatewise LSTM, log/sign preprocessing p=10, output x0.1) meta-trained on 10-d "
+        "Gaussian quadratics ||W theta - y||^2 (128 per task), 100 steps, unroll 20",
         "python -m learnedopt meta-train --config configs/l2l-quadratic.json --out runs/l2l-quadratic",
     ),
 }
