@@ -188,14 +188,14 @@ if _C is not None:
                        log_sign, grad_scale=None, found_inf=None):
         return None
 
-    # CUDA: the step is composed from the fused stack op and torch ops (a fused CUDA step kernel is
-    # still to come); skips use torch.where, so there is no host synchronisation.
-    def _l2l_step_cuda(params, grads, states, w_ih, w_hh, b, w_out, b_out, lr, weight_decay, update_scale, p,
+
+
+def _l2l_step_composed(params, grads, states, w_ih, w_hh, b, w_out, b_out, lr, weight_decay, update_scale, p,
                        log_sign, grad_scale=None, found_inf=None):
-        from . import reference
+    """The L2L step composed from the fused ``coord_lstm_stack`` op and torch ops (device-generic; no
+    host synchronisation): a second oracle for the fused step kernels (csrc/*/l2l_step_*), and what
+    the CUDA step was before its fused kernel."""
+    from . import reference
 
-        reference.l2l_step_(params, grads, states, w_ih, w_hh, b, w_out, b_out, lr, weight_decay, update_scale, p,
-                            log_sign, grad_scale, found_inf, stack=torch.ops.learnedopt.coord_lstm_stack)
-
-    _impl_lib = torch.library.Library("learnedopt", "IMPL")
-    _impl_lib.impl("l2l_step_", _l2l_step_cuda, "CUDA")
+    reference.l2l_step_(params, grads, states, w_ih, w_hh, b, w_out, b_out, lr, weight_decay, update_scale, p,
+                        log_sign, grad_scale, found_inf, stack=torch.ops.learnedopt.coord_lstm_stack)

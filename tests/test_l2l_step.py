@@ -149,21 +149,22 @@ def test_bad_input(name, mutate, match):
     assert all(torch.equal(x, y) for x, y in zip(a["params"], before))  # nothing was written
 
 
-def test_cuda_composition_on_cpu_matches_cpu_kernel():
-    """The CUDA implementation of l2l_step_ (learnedopt.ops._l2l_step_cuda: the fused stack op plus
-    torch ops) is device-generic; run it on CPU tensors against the CPU kernel."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_composed_step_matches_fused_kernel(device):
+    """learnedopt.ops._l2l_step_composed (the fused stack op plus torch ops, device-generic) against the
+    fused step kernel of the device, with a NaN gradient, grad_scale and found_inf."""
     from learnedopt import ops
 
     net = CoordinateLSTMNet((6, 5))
-    params, grads, states = problem("cpu", (torch.float32, torch.bfloat16), layers=(6, 5))
+    params, grads, states = problem(device, (torch.float32, torch.bfloat16), layers=(6, 5))
     grads[2] = grads[2].clone()
     grads[2][0, 0] = float("nan")
-    w = net_weights(net, "cpu")
-    args = (0.7, 0.01, 0.1, 10.0, True, torch.tensor(2.0), torch.tensor(0.0))
+    w = net_weights(net, device)
+    args = (0.7, 0.01, 0.1, 10.0, True, torch.tensor(2.0, device=device), torch.tensor(0.0, device=device))
     fused = ([p.clone() for p in params], [s.clone() for s in states])
     comp = ([p.clone() for p in params], [s.clone() for s in states])
     torch.ops.learnedopt.l2l_step_(fused[0], grads, fused[1], *w, *args)
-    ops._l2l_step_cuda(comp[0], grads, comp[1], *w, *args)
+    ops._l2l_step_composed(comp[0], grads, comp[1], *w, *args)
     for a, b in zip(fused[0] + fused[1], comp[0] + comp[1]):
         torch.testing.assert_close(a.double(), b.double(), atol=1e-2 if a.dtype == torch.bfloat16 else 1e-5, rtol=1e-5)
     assert torch.equal(comp[0][2], params[2]) and torch.equal(comp[1][2], states[2])
