@@ -353,13 +353,18 @@ class _Progress:
         self.stream.flush()
 
 
+# Config keys that do not change the training trajectory: a run may be resumed with other values
+# (e.g. more epochs).
+RESUME_FREE = ("epochs", "log_every", "threads", "checkpoint_every")
+
+
 class MetaTrainer:
     """Meta-trains an update rule on a task family (see the module docstring).
 
     Files in ``out_dir``: ``config.json``; ``log.jsonl`` (one JSON object per epoch, plus evaluation
     records); ``checkpoint.pt`` (written atomically every ``checkpoint_every`` epochs and at the end:
     rule, meta-optimizer, random generator, counters — ``resume=True`` continues from it and gives
-    bitwise the same run as one never stopped, on CPU); ``best.pt`` (the rule with the lowest
+    bitwise the same run as one never stopped, on CPU; ``epochs`` may be raised to train longer); ``best.pt`` (the rule with the lowest
     evaluation loss, :func:`save_rule` format); ``final.pt``; ``curves.png``.
     """
 
@@ -381,13 +386,18 @@ class MetaTrainer:
         self.ckpt_path = self.out / "checkpoint.pt"
         if resume and self.ckpt_path.is_file():
             self._load_checkpoint()
-        else:
-            if self.log_path.exists():
-                self.log_path.unlink()
+        else:  # a fresh run: nothing of an earlier run in out_dir may pass for this one's
+            for name in ("log.jsonl", "checkpoint.pt", "best.pt", "final.pt", "curves.png"):
+                (self.out / name).unlink(missing_ok=True)
             with open(self.out / "config.json", "w") as f:
                 json.dump(config.to_dict(), f, indent=2)
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _trajectory_config(self) -> str:
+        """The config keys a resumed run must share with the checkpoint (all but RESUME_FREE)."""
+        d = {k: v for k, v in self.config.to_dict().items() if k not in RESUME_FREE}
+        return json.dumps(d, sort_keys=True)
+
     def _checkpoint(self) -> None:
         lines = sum(1 for _ in open(self.log_path)) if self.log_path.exists() else 0
         _atomic_save({
@@ -398,14 +408,14 @@ class MetaTrainer:
             "meta_opt": self.meta_opt.state_dict(),
             "generator": self.generator.get_state(),
             "log_lines": lines,
-            "config": json.dumps(self.config.to_dict(), sort_keys=True),
+            "config": self._trajectory_config(),
         }, self.ckpt_path)
 
     def _load_checkpoint(self) -> None:
         ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        if ck["config"] != json.dumps(self.config.to_dict(), sort_keys=True):
-            raise ValueError(f"MetaTrainer: {self.ckpt_path} was written with another config; "
-                             "resume with the same config or start a new out_dir")
+        if ck["config"] != self._trajectory_config():
+            raise ValueError(f"MetaTrainer: {self.ckpt_path} was written with another config; resume with the "
+                             f"same config (only {', '.join(RESUME_FREE)} may change) or start a new out_dir")
         self.epoch, self.skipped, self.best = ck["epoch"], ck["skipped"], ck["best"]
         self.rule.load_state_dict(ck["rule"])
         self.meta_opt.load_state_dict(ck["meta_opt"])

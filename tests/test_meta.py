@@ -210,14 +210,11 @@ def test_resume_is_exact(tmp_path):
     # a stop after epoch 2 whose last records were lost: resume from the checkpoint
     with open(tmp_path / "b" / "log.jsonl", "a") as f:
         f.write(json.dumps({"epoch": 99}) + "\n")
-    cfg3 = _small_config()
-    # the checkpoint records the config it was written with; a resumed run must use the same one
+    # the checkpoint records the config it was written with; a resumed run must use the same one,
+    # but may train for more epochs
     with pytest.raises(ValueError, match="another config"):
-        MetaTrainer(cfg3, tmp_path / "b", resume=True)
-    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
-    ck["config"] = json.dumps(cfg3.to_dict(), sort_keys=True)  # as if epochs had been 4 from the start
-    torch.save(ck, tmp_path / "b" / "checkpoint.pt")
-    resumed = MetaTrainer(cfg3, tmp_path / "b", resume=True).run()
+        MetaTrainer(_small_config(meta_lr=1e-3), tmp_path / "b", resume=True)
+    resumed = MetaTrainer(_small_config(epochs=4), tmp_path / "b", resume=True).run()
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     strip = lambda recs: [{k: v for k, v in r.items() if k != "time"} for r in recs]  # noqa: E731
@@ -278,6 +275,15 @@ def test_meta_gradient_clipping(tmp_path):
     step = torch.linalg.vector_norm(torch.cat([(p.detach() - b).flatten() for p, b in zip(t.rule.parameters(), before)]))
     assert rec["grad_norm"] > 1e-3  # it was clipped ...
     assert step.item() == pytest.approx(1e-3, rel=1e-3)  # ... to norm 1e-3 (SGD, lr 1)
+
+
+def test_fresh_run_clears_an_earlier_one(tmp_path):
+    MetaTrainer(_small_config(epochs=2), tmp_path).run()
+    assert (tmp_path / "best.pt").is_file()
+    t = MetaTrainer(_small_config(epochs=1, eval_every=0), tmp_path)  # no evaluation: no best.pt
+    t.run()
+    assert not (tmp_path / "best.pt").exists()
+    assert len(meta.read_log(tmp_path / "log.jsonl")) == 1
 
 
 def test_config_file_errors(tmp_path):
