@@ -314,6 +314,11 @@ class MetaConfig:
             raise ValueError(f"MetaConfig: epochs must be >= 0, got {self.epochs}")
         if not hasattr(torch.optim, self.meta_optimizer):
             raise ValueError(f"MetaConfig: meta_optimizer must name a torch.optim class, got {self.meta_optimizer!r}")
+        if self.eval_every < 0 or (self.eval_every and self.eval_tasks < 1):
+            raise ValueError(f"MetaConfig: eval_every must be >= 0 and eval_tasks >= 1 when evaluating, got "
+                             f"{self.eval_every} and {self.eval_tasks}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"MetaConfig: checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"MetaConfig: clip_grad_norm must be > 0 or null, got {self.clip_grad_norm}")
 

@@ -297,6 +297,10 @@ def test_config_file_errors(tmp_path):
         MetaConfig(objective="mse")
     with pytest.raises(ValueError, match="torch.optim class"):
         MetaConfig(meta_optimizer="Adamm")
+    with pytest.raises(ValueError, match="eval_tasks >= 1 when evaluating"):
+        MetaConfig(eval_every=5, eval_tasks=0)
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
+        MetaConfig(checkpoint_every=0)
 
 
 def test_save_and_load_rule(tmp_path):
