@@ -53,6 +53,9 @@ def run_optimizer(make_opt: Callable[[list[Tensor]], torch.optim.Optimizer], tas
         losses.append(float(loss.detach()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        with torch.no_grad():
+            for p, g in zip(params, task.transform_grads([p.grad for p in params], generator)):
+                p.grad = g
         opt.step()
     with torch.no_grad():
         losses.append(float(task.loss(params, task.sample_batch(generator))))

@@ -241,6 +241,7 @@ def unroll(
         grads = torch.autograd.grad(loss, params, retain_graph=True, create_graph=second_derivatives)
         if not second_derivatives:
             grads = [g.detach() for g in grads]
+        grads = task.transform_grads(grads, generator)
         values.append(task.loss(params, task.sample_batch(generator, "valid")) if validation else loss)
         losses.append(float(loss.detach()))
         params, state = rule(params, list(grads), state)
@@ -269,6 +270,7 @@ def run_rule(rule: nn.Module, task: Task, steps: int, generator: torch.Generator
         with torch.enable_grad():
             loss = task.loss(params, task.sample_batch(generator))
             grads = torch.autograd.grad(loss, params)
+        grads = task.transform_grads(grads, generator)
         losses.append(float(loss.detach()))
         params, state = _rule_step(rule, [p.detach() for p in params], list(grads), state)
     with torch.no_grad():

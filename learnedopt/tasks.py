@@ -6,7 +6,9 @@ differentiated through:
 * ``task.init_params(generator) -> list[Tensor]``: initial parameters θ₀ (plain tensors);
 * ``task.sample_batch(generator, split="train")``: a batch (``None`` for deterministic problems);
   ``split="valid"`` gives held-out data for train-by-validation;
-* ``task.loss(params, batch) -> Tensor``: the scalar loss f(θ; batch), differentiable in ``params``.
+* ``task.loss(params, batch) -> Tensor``: the scalar loss f(θ; batch), differentiable in ``params``;
+* ``task.transform_grads(grads, generator)``: what the optimizer sees of ∇f (default: ∇f itself;
+  :mod:`learnedopt.ensemble` adds gradient noise and sparse gradients).
 
 A **task family** draws task instances: ``family.sample(generator) -> Task`` (a new quadratic per
 call; the MNIST family returns its one task, whose randomness is θ₀ and the minibatches). Every
@@ -47,6 +49,11 @@ class Task:
 
     def loss(self, params: Sequence[Tensor], batch: Any) -> Tensor:
         raise NotImplementedError
+
+    def transform_grads(self, grads: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
+        """What the optimizer sees of the gradient (default: the gradient itself). Tasks with noisy or
+        sparse gradients override it; it is called once per step, after the gradient is computed."""
+        return list(grads)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.init_params(torch.Generator().manual_seed(0)))
