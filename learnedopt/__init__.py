@@ -1,6 +1,6 @@
 """learnedopt: learned optimizers for PyTorch with fused C++/CUDA kernels."""
 
-from . import data, evaluate, meta, nets, ops, optim, pretrained, reference, tasks
+from . import data, ensemble, evaluate, meta, nets, ops, optim, pretrained, reference, tasks
 from .nets import CoordinateLSTMNet
 from .ops import coord_lstm, coord_lstm_stack, cuda_available, extension_available
 from .optim import L2LOptimizer
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ops",
     "data",
+    "ensemble",
     "evaluate",
     "meta",
     "pretrained",
