@@ -7,9 +7,23 @@
 #include <c10/util/Exception.h>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace learnedopt {
+
+// Indices of the non-empty parameters of each floating dtype present (float, double, half,
+// bfloat16, in that order): the groups the optimizer step kernels work on.
+inline std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> nonempty_params_by_dtype(at::TensorList params) {
+  std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> groups;
+  for (const auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
+    std::vector<int64_t> idx;
+    for (size_t i = 0; i < params.size(); ++i)
+      if (params[i].numel() > 0 && params[i].scalar_type() == dt) idx.push_back(int64_t(i));
+    if (!idx.empty()) groups.emplace_back(dt, std::move(idx));
+  }
+  return groups;
+}
 
 // Sizes of one coordinatewise LSTM layer.
 struct CellDims {

@@ -91,6 +91,14 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE LstmUnitGrad<T> lstm_unit_backward(
   return d;
 }
 
+// The gradient the L2L network reads: g' = g / grad_scale + weight_decay * p (inv_scale =
+// 1 / grad_scale), in the compute type. One definition for the finiteness pass and the update pass of
+// the CPU and CUDA step kernels.
+template <typename acc_t, typename scalar_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE acc_t l2l_net_input_grad(scalar_t g, scalar_t p, acc_t inv_scale, acc_t weight_decay) {
+  return static_cast<acc_t>(g) * inv_scale + weight_decay * static_cast<acc_t>(p);
+}
+
 // Gradient preprocessing of Andrychowicz et al. 2016, Appendix A: g becomes
 //   (log|g| / p, sign g) if |g| >= e^-p,  (-1, e^p g) otherwise,
 // computed branch-free as (max(log|g| / p, -1), clamp(e^p g, -1, 1)) (identical values; the official

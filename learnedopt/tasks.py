@@ -176,9 +176,6 @@ class MNISTTask(Task):
         idx = torch.randint(0, x.shape[0], (self.batch_size,), generator=generator)
         return x[idx], y[idx]
 
-    def full_batch(self, split: str = "train") -> tuple[Tensor, Tensor]:
-        return self.data[split]
-
     def logits(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
         act = ACTIVATIONS[self.activation]
         n = len(params) // 2

@@ -26,13 +26,6 @@ std::vector<Item> make_items(const std::vector<int64_t>& numels, int64_t rpb) {
   return items;
 }
 
-// The gradient the network reads: g' = g / grad_scale + weight_decay * p (one definition for the
-// finiteness pass and the update pass).
-template <typename acc_t, typename scalar_t>
-inline acc_t net_input_grad(scalar_t g, scalar_t p, acc_t inv_scale, acc_t weight_decay) {
-  return acc_t(g) * inv_scale + weight_decay * acc_t(p);
-}
-
 // One group of parameters whose state (and compute) dtype is acc_t (float or double).
 template <typename acc_t>
 void step_group(const std::vector<int64_t>& idx, TensorList params, TensorList grads, TensorList states,
@@ -82,7 +75,7 @@ void step_group(const std::vector<int64_t>& idx, TensorList params, TensorList g
         const scalar_t* p = P[it.param].const_data_ptr<scalar_t>() + it.r0;
         bool ok = true;
         for (int64_t r = 0; r < it.rows; ++r)
-          ok &= std::isfinite(net_input_grad(g[r], p[r], acc_t(inv_scale), acc_t(weight_decay)));
+          ok &= std::isfinite(l2l_net_input_grad<acc_t>(g[r], p[r], acc_t(inv_scale), acc_t(weight_decay)));
         item_ok[k] = ok;
       }
     });
@@ -111,7 +104,7 @@ void step_group(const std::vector<int64_t>& idx, TensorList params, TensorList g
         // The network's input, unit-major: layer 0's zT rows [0, I0) (or the read-out input).
         acc_t* x = L ? bs.layer[0].zT.mutable_data_ptr<acc_t>() : y + rpb;
         for (int64_t r = 0; r < B; ++r) {
-          const acc_t gv = net_input_grad(g[r], p[r], acc_t(inv_scale), acc_t(weight_decay));
+          const acc_t gv = l2l_net_input_grad<acc_t>(g[r], p[r], acc_t(inv_scale), acc_t(weight_decay));
           if (log_sign) {
             const auto ls = log_sign_preprocess(gv, pp, exp_p);
             x[r] = ls.log_part;
@@ -159,11 +152,9 @@ void l2l_step_cpu(TensorList params, TensorList grads, TensorList states, Tensor
   double inv_scale = 1.0;
   if (grad_scale.has_value() && grad_scale->defined()) inv_scale = 1.0 / grad_scale->item<double>();
   // One group per parameter dtype; float64 parameters compute in float64, all others in float32.
-  for (const auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
-    std::vector<int64_t> idx;
-    for (size_t i = 0; i < params.size(); ++i)
-      if (params[i].numel() > 0 && params[i].scalar_type() == dt) idx.push_back(int64_t(i));
-    if (idx.empty()) continue;
+  for (const auto& group : nonempty_params_by_dtype(params)) {
+    const at::ScalarType dt = group.first;
+    const std::vector<int64_t>& idx = group.second;
     if (dt == at::kDouble) {
       step_group<double>(idx, params, grads, states, dims, w_ih, w_hh, b, w_out, b_out, lr, weight_decay,
                          update_scale, p, log_sign, inv_scale);

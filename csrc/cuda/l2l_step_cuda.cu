@@ -91,12 +91,6 @@ __device__ __forceinline__ int tensor_of_block(const C& ch, int64_t blk) {
   return t;
 }
 
-// g' = g / grad_scale + weight_decay * p: the one definition both kernels use.
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t net_input_grad(scalar_t g, scalar_t p, acc_t inv_scale, acc_t weight_decay) {
-  return static_cast<acc_t>(g) * inv_scale + weight_decay * static_cast<acc_t>(p);
-}
-
 template <typename acc_t>
 __device__ __forceinline__ acc_t inverse_scale(const StepScalars<acc_t>& sc) {
   return sc.grad_scale ? acc_t(1) / static_cast<acc_t>(*sc.grad_scale) : acc_t(1);
@@ -117,7 +111,7 @@ __global__ void __launch_bounds__(256) l2l_finite_kernel(const TensorChunk<scala
   const acc_t inv = inverse_scale(sc);
   bool bad = false;
   for (int64_t r = r0 + threadIdx.x; r < r1; r += blockDim.x)
-    bad |= !is_finite(net_input_grad(ch.g[t][r], ch.p[t][r], inv, sc.weight_decay));
+    bad |= !is_finite(l2l_net_input_grad<acc_t>(ch.g[t][r], ch.p[t][r], inv, sc.weight_decay));
   if (__syncthreads_or(bad) && threadIdx.x == 0) atomicExch(flags + ch.flag[t], 1);
 }
 
@@ -159,7 +153,7 @@ __global__ void __launch_bounds__(kMaxThreads) l2l_step_kernel(const TensorChunk
   if (tid < nr) {
     const int64_t row = r0 + tid;
     const scalar_t p_old = ch.p[t][row];
-    const acc_t gp = net_input_grad(ch.g[t][row], p_old, inverse_scale(sc), sc.weight_decay);
+    const acc_t gp = l2l_net_input_grad<acc_t>(ch.g[t][row], p_old, inverse_scale(sc), sc.weight_decay);
     acc_t x[2];
     if (sc.log_sign) {
       const LogSign<acc_t> ls = log_sign_preprocess(gp, sc.p, sc.exp_p);
@@ -347,11 +341,9 @@ void l2l_step_cuda(TensorList params, TensorList grads, TensorList states, Tenso
   std::vector<Tensor> keep;
   const float* gs = device_scalar(op, "grad_scale", grad_scale, w_out, keep);
   const float* fi = device_scalar(op, "found_inf", found_inf, w_out, keep);
-  for (const auto dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
-    std::vector<int64_t> idx;
-    for (size_t i = 0; i < params.size(); ++i)
-      if (params[i].numel() > 0 && params[i].scalar_type() == dt) idx.push_back(int64_t(i));
-    if (idx.empty()) continue;
+  for (const auto& group : nonempty_params_by_dtype(params)) {
+    const at::ScalarType dt = group.first;
+    const std::vector<int64_t>& idx = group.second;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "learnedopt_l2l_step_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const Tensor packed = pack_weights(net, w_ih, w_hh, b, w_out, b_out, c10::CppTypeToScalarType<acc_t>::value);
