@@ -121,7 +121,13 @@ class LearnedSGD(nn.Module):
         return [p - self.lr * g for p, g in zip(params, grads)], state
 
 
-RULES: dict[str, Callable[..., nn.Module]] = {"l2l": L2LRule, "sgd": LearnedSGD}
+def _hierarchical_rule(**kwargs) -> nn.Module:
+    from .hierarchical import HierarchicalRule
+
+    return HierarchicalRule(**kwargs)
+
+
+RULES: dict[str, Callable[..., nn.Module]] = {"l2l": L2LRule, "sgd": LearnedSGD, "hierarchical": _hierarchical_rule}
 
 
 def make_rule(kind: str, **kwargs) -> nn.Module:
@@ -186,8 +192,11 @@ class Carry:
 
 
 def start(rule: nn.Module, task: Task, generator: torch.Generator) -> Carry:
-    """A trajectory's start: θ₀ from the task and the rule's initial state."""
+    """A trajectory's start: θ₀ from the task and the rule's initial state (drawn with ``generator``
+    when the rule has a random initial state: ``rule.random_init``)."""
     params = task.init_params(generator)
+    if getattr(rule, "random_init", False):
+        return Carry(task, params, rule.init_state(params, generator))
     return Carry(task, params, rule.init_state(params))
 
 
@@ -294,15 +303,26 @@ class MetaConfig:
     second_derivatives: bool = False
     num_steps: int = 100  # optimizee steps per trajectory ("epoch" of the paper)
     unroll: int = 20  # steps per truncated unroll
+    # "fixed": num_steps // unroll unrolls of `unroll` steps; "heavy_tailed" (Wichrowska et al.): per
+    # trajectory 1 + round(Exp(num_unrolls_scale)) unrolls of unroll_min + round(Exp(unroll_scale)) steps
+    unroll_schedule: str = "fixed"
+    num_unrolls_scale: float = 40.0
+    unroll_scale: float = 200.0
+    unroll_min: int = 50
+    max_trajectory_steps: int | None = None  # caps a heavy-tailed trajectory's length
     epochs: int = 100  # trajectories
     meta_optimizer: str = "Adam"
     meta_lr: float = 1e-3
     meta_optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
     clip_grad_norm: float | None = None
+    clip_grad_value: float | None = None  # elementwise clip of the meta-gradient (original code: 1e4)
     seed: int = 0
     eval_every: int = 0  # epochs between evaluations (0: never)
     eval_tasks: int = 10  # trajectories per evaluation (the same ones every time)
     eval_steps: int | None = None  # default num_steps
+    # "final_loss": mean final loss; "log_ratio": mean of log(final loss / initial loss) (for ensembles
+    # of problems whose losses differ by orders of magnitude)
+    eval_metric: str = "final_loss"
     checkpoint_every: int = 10  # epochs between checkpoints
     log_every: int = 1  # epochs between progress lines when stderr is not a terminal
     threads: int | None = None
@@ -310,6 +330,16 @@ class MetaConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"MetaConfig: objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.unroll_schedule not in ("fixed", "heavy_tailed"):
+            raise ValueError(f"MetaConfig: unroll_schedule must be 'fixed' or 'heavy_tailed', got {self.unroll_schedule!r}")
+        if self.unroll_schedule == "heavy_tailed" and not (self.num_unrolls_scale >= 0 and self.unroll_scale >= 0
+                                                            and self.unroll_min >= 1):
+            raise ValueError("MetaConfig: heavy_tailed needs num_unrolls_scale >= 0, unroll_scale >= 0 and unroll_min >= 1, "
+                             f"got {self.num_unrolls_scale}, {self.unroll_scale}, {self.unroll_min}")
+        if self.max_trajectory_steps is not None and self.max_trajectory_steps < 1:
+            raise ValueError(f"MetaConfig: max_trajectory_steps must be >= 1 or null, got {self.max_trajectory_steps}")
+        if self.clip_grad_value is not None and not self.clip_grad_value > 0:
+            raise ValueError(f"MetaConfig: clip_grad_value must be > 0 or null, got {self.clip_grad_value}")
         if self.unroll < 1 or self.num_steps < 1 or self.num_steps % self.unroll:
             raise ValueError(f"MetaConfig: num_steps ({self.num_steps}) must be a positive multiple of unroll ({self.unroll})")
         if self.epochs < 0:
@@ -319,6 +349,8 @@ class MetaConfig:
         if self.eval_every < 0 or (self.eval_every and self.eval_tasks < 1):
             raise ValueError(f"MetaConfig: eval_every must be >= 0 and eval_tasks >= 1 when evaluating, got "
                              f"{self.eval_every} and {self.eval_tasks}")
+        if self.eval_metric not in ("final_loss", "log_ratio"):
+            raise ValueError(f"MetaConfig: eval_metric must be 'final_loss' or 'log_ratio', got {self.eval_metric!r}")
         if self.checkpoint_every < 1:
             raise ValueError(f"MetaConfig: checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
@@ -443,9 +475,9 @@ class MetaTrainer:
         task = self.family.sample(self.generator)
         carry = start(self.rule, task, self.generator)
         meta_losses, skipped, norms = [], 0, []
-        for _ in range(cfg.num_steps // cfg.unroll):
+        for length in self.schedule():
             self.meta_opt.zero_grad(set_to_none=True)
-            meta_loss, carry, losses = unroll(self.rule, carry, cfg.unroll, self.generator, cfg.objective,
+            meta_loss, carry, losses = unroll(self.rule, carry, length, self.generator, cfg.objective,
                                               cfg.validation, cfg.second_derivatives)
             ok = bool(torch.isfinite(meta_loss))
             if ok:
@@ -457,27 +489,53 @@ class MetaTrainer:
                 skipped += 1
                 self.meta_opt.zero_grad(set_to_none=True)
                 break
+            if cfg.clip_grad_value is not None:
+                torch.nn.utils.clip_grad_value_(self.rule.parameters(), cfg.clip_grad_value)
             if cfg.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.rule.parameters(), cfg.clip_grad_norm)
             self.meta_opt.step()
             meta_losses.append(float(meta_loss.detach()))
             norms.append(float(norm))
         self.skipped += skipped
-        return {"epoch": self.epoch + 1,
+        return {"epoch": self.epoch + 1, "task": getattr(task, "name", type(task).__name__), "steps": carry.step,
                 "meta_loss": sum(meta_losses) / len(meta_losses) if meta_losses else None,
                 "final_loss": losses[-1] if meta_losses else None,
                 "grad_norm": max(norms) if norms else None, "skipped": skipped}
 
+    def schedule(self) -> list[int]:
+        """The unroll lengths of the next trajectory (drawn with the trainer's generator when heavy-tailed)."""
+        cfg = self.config
+        if cfg.unroll_schedule == "fixed":
+            return [cfg.unroll] * (cfg.num_steps // cfg.unroll)
+        g = self.generator
+        exp = lambda scale: round(float(torch.empty(1).exponential_(1.0, generator=g)) * scale)  # noqa: E731
+        n = 1 + exp(cfg.num_unrolls_scale)
+        lengths = [cfg.unroll_min + exp(cfg.unroll_scale) for _ in range(n)]
+        if cfg.max_trajectory_steps is not None:
+            out, total = [], 0
+            for length in lengths:
+                if total >= cfg.max_trajectory_steps:
+                    break
+                out.append(min(length, cfg.max_trajectory_steps - total))
+                total += out[-1]
+            lengths = out
+        return lengths
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean final loss of the rule over ``eval_tasks`` fixed trajectories (same ones every time)."""
+        """Mean final loss (or, with ``eval_metric="log_ratio"``, mean log(final / initial loss)) of the
+        rule over ``eval_tasks`` fixed trajectories (the same ones every time); NaN if any diverged."""
         cfg = self.config
         g = torch.Generator().manual_seed(cfg.seed + 1_000_003)
         finals = []
         for _ in range(cfg.eval_tasks):
             task = self.family.sample(g)
             losses, _ = run_rule(self.rule, task, cfg.eval_steps or cfg.num_steps, g)
-            finals.append(losses[-1])
+            if cfg.eval_metric == "log_ratio":
+                finals.append(math.log(max(losses[-1], LOG_EPS) / max(losses[0], LOG_EPS))
+                              if math.isfinite(losses[-1]) else math.nan)
+            else:
+                finals.append(losses[-1])
         return sum(finals) / len(finals)
 
     def run(self) -> nn.Module:
@@ -494,10 +552,11 @@ class MetaTrainer:
             text = f"meta-loss {rec['meta_loss']:.4g}" if rec["meta_loss"] is not None else "meta-loss non-finite"
             if cfg.eval_every and self.epoch % cfg.eval_every == 0:
                 ev = self.evaluate()
-                rec["eval_final_loss"] = ev
+                key = "eval_final_loss" if cfg.eval_metric == "final_loss" else "eval_log_ratio"
+                rec[key] = ev
                 if math.isfinite(ev) and (self.best is None or ev < self.best):
                     self.best = ev
-                    save_rule(self.rule, self.out / "best.pt", extra={"epoch": self.epoch, "eval_final_loss": ev})
+                    save_rule(self.rule, self.out / "best.pt", extra={"epoch": self.epoch, key: ev})
                 text += f" eval {ev:.4g} (best {self.best:.4g})"
             if self.skipped:
                 text += f" skipped {self.skipped}"
@@ -528,7 +587,8 @@ def plot_log(log_path: str | os.PathLike, png: str | os.PathLike) -> None:
     recs = read_log(log_path)
     ep = [r["epoch"] for r in recs if r.get("meta_loss") is not None]
     ml = [r["meta_loss"] for r in recs if r.get("meta_loss") is not None]
-    ev = [(r["epoch"], r["eval_final_loss"]) for r in recs if "eval_final_loss" in r]
+    key = "eval_log_ratio" if any("eval_log_ratio" in r for r in recs) else "eval_final_loss"
+    ev = [(r["epoch"], r[key]) for r in recs if key in r]
     fig, axes = plt.subplots(1, 2 if ev else 1, figsize=(10 if ev else 5, 3.5), squeeze=False)
     ax = axes[0][0]
     ax.plot(ep, ml, lw=0.8)
@@ -540,8 +600,9 @@ def plot_log(log_path: str | os.PathLike, png: str | os.PathLike) -> None:
         ax = axes[0][1]
         ax.plot([e for e, _ in ev], [v for _, v in ev], marker=".")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("evaluation: final loss")
-        ax.set_yscale("log")
+        ax.set_ylabel("evaluation: " + ("mean log(final / initial loss)" if key == "eval_log_ratio" else "final loss"))
+        if key == "eval_final_loss":
+            ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

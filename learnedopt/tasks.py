@@ -202,4 +202,11 @@ FAMILIES = {
     "simple": lambda **kw: FixedFamily(SimpleTask(**kw)),
     "quadratic": QuadraticFamily,
     "mnist": lambda **kw: FixedFamily(MNISTTask(**kw)),
+    "ensemble": lambda **kw: _ensemble(**kw),
 }
+
+
+def _ensemble(**kwargs) -> TaskFamily:
+    from .ensemble import default_ensemble
+
+    return default_ensemble(**kwargs)
