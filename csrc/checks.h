@@ -276,3 +276,54 @@ inline std::vector<CellDims> check_l2l_step(const char* op, at::TensorList param
 }
 
 }  // namespace learnedopt
+
+namespace learnedopt {
+
+// The hierarchical optimizer step (learnedopt::hier_step_): per parameter its gradient and its state
+// [rows, numel] (float32 or bfloat16; float64 for float64 parameters), contiguous; coord_bias
+// [T, 4H] float32 (T = number of parameters), mean_log_lr a 0-dim float32 tensor, weights the packed
+// float32 weights [num_weights], one lr per parameter.
+inline void check_hier_step(const char* op, at::TensorList params, at::TensorList grads, at::TensorList states,
+                            const at::Tensor& coord_bias, const at::Tensor& mean_log_lr, const at::Tensor& weights,
+                            c10::ArrayRef<double> lrs, int64_t rows, int64_t gates, int64_t num_weights) {
+  const size_t T = params.size();
+  TORCH_CHECK(grads.size() == T && states.size() == T && lrs.size() == T, op,
+              ": params, grads, states and lrs must have one entry per parameter, got lengths ", T, ", ",
+              grads.size(), ", ", states.size(), " and ", lrs.size());
+  check_shape(op, "weights", weights, {num_weights}, "[num_weights] (HierarchicalNet.packed_coord_weights())");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat, op, ": weights must be float32, got ", weights.scalar_type());
+  check_shape(op, "coord_bias", coord_bias, {int64_t(T), gates}, "[num_params, 4*H]");
+  TORCH_CHECK(coord_bias.scalar_type() == at::kFloat, op, ": coord_bias must be float32, got ",
+              coord_bias.scalar_type());
+  check_device(op, "coord_bias", coord_bias, weights, "weights");
+  check_shape(op, "mean_log_lr", mean_log_lr, {}, "[] (a 0-dim tensor)");
+  TORCH_CHECK(mean_log_lr.scalar_type() == at::kFloat, op, ": mean_log_lr must be float32, got ",
+              mean_log_lr.scalar_type());
+  check_device(op, "mean_log_lr", mean_log_lr, weights, "weights");
+  for (size_t i = 0; i < T; ++i) {
+    const auto& p = params[i];
+    const auto pn = indexed("params", i), gn = indexed("grads", i), sn = indexed("states", i);
+    check_defined(op, pn, p);
+    check_device(op, pn, p, weights, "weights");
+    TORCH_CHECK(at::isFloatingType(p.scalar_type()), op, ": ", pn, " must be a floating-point tensor, got ",
+                p.scalar_type());
+    check_defined(op, gn, grads[i]);
+    TORCH_CHECK(grads[i].sizes() == p.sizes(), op, ": ", gn, " must have the shape of ", pn, " ", shape_str(p),
+                ", got ", shape_str(grads[i]));
+    check_device(op, gn, grads[i], p, pn.c_str());
+    check_same_dtype(op, gn, grads[i], p, pn.c_str());
+    check_defined(op, sn, states[i]);
+    check_device(op, sn, states[i], p, pn.c_str());
+    const auto sdt = states[i].scalar_type();
+    if (p.scalar_type() == at::kDouble) {
+      TORCH_CHECK(sdt == at::kDouble, op, ": ", sn, " must be float64 for a float64 parameter, got ", sdt);
+    } else {
+      TORCH_CHECK(sdt == at::kFloat || sdt == at::kBFloat16, op, ": ", sn, " must be float32 or bfloat16 for a ",
+                  p.scalar_type(), " parameter, got ", sdt);
+    }
+    check_shape(op, sn, states[i], {rows, p.numel()}, "[rows, numel]");
+    TORCH_CHECK(states[i].is_contiguous(), op, ": ", sn, " must be contiguous");
+  }
+}
+
+}  // namespace learnedopt

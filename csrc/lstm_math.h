@@ -25,6 +25,11 @@ struct MathOps<float> {
   static C10_HOST_DEVICE C10_ALWAYS_INLINE float exp(float x) { return ::expf(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE float tanh(float x) { return ::tanhf(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE float log(float x) { return ::logf(x); }
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE float sqrt(float x) { return ::sqrtf(x); }
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE float abs(float x) { return ::fabsf(x); }
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE float copysign(float x, float s) { return ::copysignf(x, s); }
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE float min(float a, float b) { return a < b ? a : b; }
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE float max(float a, float b) { return a > b ? a : b; }
 };
 
 template <>
@@ -32,6 +37,11 @@ struct MathOps<double> {
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double exp(double x) { return ::exp(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double tanh(double x) { return ::tanh(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double log(double x) { return ::log(x); }
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE double sqrt(double x) { return ::sqrt(x); }
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE double abs(double x) { return ::fabs(x); }
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE double copysign(double x, double s) { return ::copysign(x, s); }
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE double min(double a, double b) { return a < b ? a : b; }
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE double max(double a, double b) { return a > b ? a : b; }
 };
 
 // sigmoid(x) = 1 / (1 + exp(-x)); exp(-x) overflows to inf for x < -88 (float), giving 0.

@@ -52,4 +52,16 @@ TORCH_LIBRARY(learnedopt, m) {
       "l2l_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, Tensor[] w_ih, Tensor[] w_hh, "
       "Tensor[] b, Tensor w_out, Tensor b_out, float lr, float weight_decay, float update_scale, "
       "float p, bool log_sign, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // One step of the hierarchical optimizer (Wichrowska et al. 2017), per-coordinate part, in place.
+  // For each parameter p (gradient g, state s [32, numel]: rows of csrc/hier_math.h; float32 or
+  // bfloat16, float64 for float64 parameters): the momenta, mean squares, features, LSTM cell (gate
+  // bias: weights' b + coord_bias[i]), read-outs and new log-lr of every coordinate (state rows
+  // updated, u = exp(step log-lr + offset) * d), then p -= lrs[i] / sqrt(mean(d^2) + 1e-16) * u.
+  // weights: HierarchicalNet.packed_coord_weights(); mean_log_lr: the problem's mean log-lr.
+  // Returns sums [num_params, 25] (float32): per parameter sum of h' (10), of the features (12), of
+  // d^2, of the new log-lr, and 1 if it stepped (0: skipped). A parameter whose g / grad_scale holds a
+  // NaN or inf is skipped with its state; a nonzero found_inf skips every parameter. No host sync on CUDA.
+  m.def(
+      "hier_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, Tensor coord_bias, "
+      "Tensor mean_log_lr, Tensor weights, float[] lrs, Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor");
 }

@@ -54,6 +54,9 @@ from torch import Tensor, nn
 __all__ = ["HierarchicalNet", "HierState", "HierarchicalRule", "Rows", "step_reference", "coord_step_reference",
            "initial_state", "segment_mean", "MAX_LOG_LR", "INIT_LOG_LR_RANGE"]
 
+# Per-tensor sums returned by the fused op learnedopt::hier_step_ (csrc/hier_math.h): sum of h' (H),
+# of the features (F), of d², of the new log-lr, then a "stepped" flag (for H = 10, S = 4).
+K_D2, K_LOG_LR, K_STEPPED = 22, 23, 24
 MAX_LOG_LR = 33.0  # log learning rates are clipped to [-33, 33]
 MS_EPS = 1e-12  # added to a_s² in the mean squares
 RMS_EPS = 1e-16  # inside the square roots and logs of the mean squares and of the direction's RMS

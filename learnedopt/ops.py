@@ -188,6 +188,11 @@ if _C is not None:
                        log_sign, grad_scale=None, found_inf=None):
         return None
 
+    @torch.library.register_fake("learnedopt::hier_step_")
+    def _hier_step_fake(params, grads, states, coord_bias, mean_log_lr, weights, lrs, grad_scale=None,
+                        found_inf=None):
+        return weights.new_empty(len(params), 25)
+
 
 
 def _l2l_step_composed(params, grads, states, w_ih, w_hh, b, w_out, b_out, lr, weight_decay, update_scale, p,

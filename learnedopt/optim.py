@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from . import ops
 from .nets import CoordinateLSTMNet
 
-__all__ = ["L2LOptimizer"]
+__all__ = ["L2LOptimizer", "HierarchicalOptimizer"]
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -227,3 +227,292 @@ class _Keep:
 
     def __init__(self, value: Tensor):
         self.value = value
+
+
+DEFAULT_HIERARCHICAL = "hierarchical-ensemble"
+
+
+class HierarchicalOptimizer(Optimizer):
+    r"""The hierarchical learned optimizer of Wichrowska et al. 2017 ("Learned Optimizers that Scale and
+    Generalize"): a per-coordinate LSTM, a per-tensor GRU and a global GRU (see
+    :mod:`learnedopt.hierarchical` for the maths). Per coordinate it keeps momenta at 4 timescales
+    with a learned decay, their running mean squares (gradient-scale normalisation) and a learned log
+    learning rate; the update of a tensor is
+
+    .. math::
+        \theta \leftarrow \theta - \text{lr}\cdot e^{\ell + \text{offset}}\cdot \hat d,
+
+    with :math:`\hat d` the network's direction normalised to unit RMS over the tensor and
+    :math:`\ell` the coordinate's (learned, adapted every step) log learning rate, which starts at 0:
+    ``lr`` is the initial learning rate, and then a plain multiplier (``lr = 0`` leaves the parameters
+    unchanged; it may differ per group and follows ``torch.optim.lr_scheduler``).
+
+    Each ``step()`` runs one fused in-place op (``torch.ops.learnedopt.hier_step_``) over all
+    parameters for the per-coordinate part — momenta, mean squares, features, the LSTM cell, the
+    read-outs, the new log learning rates and the update — and a handful of small tensor ops for the
+    per-tensor and global RNNs. No host synchronisation on CUDA.
+
+    Args:
+        params: parameters or parameter groups, as any ``torch.optim`` optimizer (one device).
+        lr: the initial learning rate (see above).
+        net: a :class:`~learnedopt.hierarchical.HierarchicalNet`; default: the shipped pretrained
+            weights ``pretrained``.
+        pretrained: the name of shipped weights (``learnedopt.pretrained.available()``); default
+            ``"hierarchical-ensemble"`` unless ``net`` is given.
+        state_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` (half the state's bytes; compute
+            stays float32). Float64 parameters always keep float64 state.
+        fused: ``None`` (default: the fused op when it can run this network), ``True`` (require it) or
+            ``False`` (the pure-PyTorch reference, :func:`learnedopt.hierarchical.step_reference`).
+
+    State: ``optimizer.state[p]["coord"]`` (``[32, numel]``: the rows of
+    :class:`learnedopt.hierarchical.Rows`), ``["tensor"]`` (the tensor GRU's state) and
+    ``["log_lr_sum"]``; the global GRU's state is ``optimizer.global_state`` (saved in the state dict).
+    The problem the network sees is all parameters that have a gradient in a step: its global RNN
+    reads their mean tensor state, and the relative log learning rate is against their mean.
+
+    Gradients: parameters without ``.grad`` are skipped; sparse or complex gradients raise. A
+    parameter whose gradient holds a NaN or an inf is **skipped for that step** (neither it nor any of
+    its state changes, and the global RNN does not see it). With ``torch.amp.GradScaler`` the gradients
+    are unscaled inside the op and a step with inf/NaN found is skipped entirely.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr: float = 1e-3, net=None, pretrained: str | None = None,
+                 state_dtype: torch.dtype = torch.float32, fused: bool | None = None):
+        from .hierarchical import HierarchicalNet
+
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"HierarchicalOptimizer: lr must be a finite number >= 0, got {lr!r}")
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"HierarchicalOptimizer: state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
+        if fused not in (None, True, False):
+            raise ValueError(f"HierarchicalOptimizer: fused must be None, True or False, got {fused!r}")
+        if net is not None and pretrained is not None:
+            raise ValueError("HierarchicalOptimizer: pass net or pretrained, not both")
+        if net is None:
+            from . import pretrained as _pretrained
+
+            pretrained = pretrained or DEFAULT_HIERARCHICAL
+            net = _pretrained.load_net(pretrained)
+        if not isinstance(net, HierarchicalNet):
+            raise TypeError(f"HierarchicalOptimizer: net must be a learnedopt.hierarchical.HierarchicalNet, got "
+                            f"{type(net).__name__}")
+        if fused and not net.fusable:
+            raise ValueError("HierarchicalOptimizer: fused=True needs a network with hidden=10, scales=4 and no "
+                             f"attention (the fused kernels' sizes), got {net.config()}")
+        self.net = net
+        self.pretrained = pretrained
+        self.state_dtype = state_dtype
+        self.fused = fused
+        super().__init__(params, dict(lr=lr))
+        self.global_state: Tensor | None = None
+        self._weights_cache: dict[Any, tuple] = {}
+
+    def _use_fused(self, device: torch.device) -> bool:
+        if self.fused is False or not self.net.fusable:
+            return False
+        if self.fused is True:
+            ops._require(device, "HierarchicalOptimizer.step")
+            return True
+        return ops.extension_available() and (device.type == "cpu" or (device.type == "cuda" and ops.cuda_built()))
+
+    def _packed(self, device: torch.device) -> Tensor:
+        net = self.net
+        key = (device, tuple(t._version for t in net.parameters()), tuple(t.data_ptr() for t in net.parameters()))
+        cached = self._weights_cache.get(device)
+        if not torch.compiler.is_compiling() and cached is not None and cached[0] == key:
+            return cached[1]
+        w = net.packed_coord_weights().to(device)
+        if not torch.compiler.is_compiling():
+            self._weights_cache[device] = (key, w)
+        return w
+
+    def _init_state(self, p: Tensor, state: dict) -> None:
+        dt = torch.float64 if p.dtype == torch.float64 else self.state_dtype
+        cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+        state["coord"] = self.net.initial_coord_state(p.numel(), 0.0, dtype=dt, device=p.device)
+        state["tensor"] = self.net.tensor0.detach().to(device=p.device, dtype=cdt).clone()
+        state["log_lr_sum"] = torch.zeros((), dtype=cdt, device=p.device)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimization step; ``closure`` (re-evaluating the loss) is optional."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params, grads, states, lrs = [], [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("HierarchicalOptimizer does not support sparse gradients")
+                if p.is_complex() or p.grad.is_complex():
+                    raise RuntimeError("HierarchicalOptimizer does not support complex parameters or gradients")
+                state = self.state[p]
+                if "coord" not in state:
+                    self._init_state(p, state)
+                params.append(p)
+                grads.append(p.grad)
+                states.append(state)
+                lrs.append(float(group["lr"]))
+        if not params:
+            return loss
+        device = params[0].device
+        for p in params:
+            if p.device != device:
+                raise RuntimeError(f"HierarchicalOptimizer: every parameter must be on one device (its global RNN "
+                                   f"couples them all), got {device} and {p.device}")
+        cdt = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
+        if self.global_state is None:
+            self.global_state = self.net.global0.detach().to(device=device, dtype=torch.float32).clone()
+        glob = self.global_state.to(cdt)
+        tensor_prev = torch.stack([s["tensor"].to(cdt) for s in states])
+        numels = torch.tensor([p.numel() for p in params], dtype=cdt, device=device)
+        log_lr_sums = torch.stack([s["log_lr_sum"].to(cdt) for s in states])
+        mean_log_lr = log_lr_sums.sum() / numels.sum().clamp_min(1)
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        net = self.net
+        if self._use_fused(device):
+            coord_bias = net.coord_bias(tensor_prev.float(), glob.float()).detach()
+            sums = torch.ops.learnedopt.hier_step_(
+                params, grads, [s["coord"] for s in states], coord_bias.contiguous(), mean_log_lr.float(),
+                self._packed(device), lrs,
+                None if grad_scale is None else grad_scale.to(device),
+                None if found_inf is None else found_inf.to(device))
+            from .hierarchical import K_D2, K_LOG_LR, K_STEPPED
+
+            sums = sums.to(cdt)
+            stepped = sums[:, K_STEPPED] > 0
+            tin = sums[:, :K_D2] / numels.clamp_min(1)[:, None]
+            new_log_lr_sums = sums[:, K_LOG_LR]
+        else:
+            stepped, tin, new_log_lr_sums = self._reference_step(params, grads, states, lrs, tensor_prev, glob,
+                                                                 mean_log_lr, grad_scale, found_inf)
+        new_t, new_g = net.advance_rnns(tin, tensor_prev, glob, stepped)
+        new_t = new_t.detach()
+        torch._foreach_copy_([s["tensor"] for s in states], list(new_t.to(states[0]["tensor"].dtype).unbind(0)))
+        new_sums = torch.where(stepped, new_log_lr_sums, log_lr_sums)
+        torch._foreach_copy_([s["log_lr_sum"] for s in states], list(new_sums.unbind(0)))
+        self.global_state.copy_(new_g.detach())
+        return loss
+
+    def _reference_step(self, params, grads, states, lrs, tensor_prev, glob, mean_log_lr, grad_scale, found_inf):
+        """The per-coordinate part through learnedopt.hierarchical.coord_step_reference, with the same
+        inputs and outputs as the fused op."""
+        from .hierarchical import RMS_EPS, coord_step_reference, segment_mean
+
+        net, R = self.net, self.net.rows
+        cdt = tensor_prev.dtype
+        device = params[0].device
+        nonempty = [i for i, p in enumerate(params) if p.numel()]
+        T = len(params)
+        stepped = torch.zeros(T, dtype=torch.bool, device=device)
+        tin = torch.zeros(T, R.H + R.features, dtype=cdt, device=device)
+        new_log_lr_sums = torch.zeros(T, dtype=cdt, device=device)
+        bias = net.coord_bias(tensor_prev, glob).to(cdt)
+        for i in nonempty:  # one tensor at a time: this is the readable path, not the fast one
+            p, st = params[i], states[i]["coord"]
+            g = grads[i].reshape(-1).to(cdt)
+            if grad_scale is not None:
+                g = g / grad_scale.to(device=device, dtype=cdt)
+            ok = torch.isfinite(g).all()
+            if found_inf is not None:
+                ok = ok & (found_inf.to(device) == 0)
+            rows = st.to(cdt)
+            out = coord_step_reference(net, torch.where(ok, g, torch.zeros_like(g)), rows,
+                                       bias[i][:, None].expand(-1, p.numel()), mean_log_lr.to(cdt))
+            new_rows = torch.where(ok, out.rows, rows)
+            rms = torch.sqrt((out.d * out.d).mean() + RMS_EPS)
+            upd = (lrs[i] / rms) * new_rows[R.u].to(st.dtype).to(cdt)
+            flat = p.reshape(-1).to(cdt)
+            p.copy_(torch.where(ok, flat - upd, flat).view_as(p).to(p.dtype))
+            st.copy_(new_rows.to(st.dtype))
+            stepped[i] = ok
+            tin[i] = torch.cat([out.h_new, out.features]).mean(1)
+            new_log_lr_sums[i] = out.rows[R.log_lr].sum()
+        return stepped, tin, new_log_lr_sums
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict plus ``"net"`` (the network's configuration and weights, and the
+        pretrained name) and ``"global_state"``."""
+        handle = self.register_state_dict_post_hook(HierarchicalOptimizer._add_net, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
+
+    @staticmethod
+    def _add_net(self: "HierarchicalOptimizer", state_dict: dict[str, Any]) -> dict[str, Any]:
+        state_dict["net"] = {"pretrained": self.pretrained, "config": self.net.config(),
+                             "weights": {k: v.detach().clone() for k, v in self.net.state_dict().items()}}
+        state_dict["global_state"] = None if self.global_state is None else self.global_state.detach().clone()
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the states, the groups, the global RNN state and (from ``"net"``) the network."""
+        pre = self.register_load_state_dict_pre_hook(HierarchicalOptimizer._take_net_and_keep_state_dtype)
+        post = self.register_load_state_dict_post_hook(HierarchicalOptimizer._restore_state, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+
+    @staticmethod
+    def _take_net_and_keep_state_dtype(self: "HierarchicalOptimizer", state_dict: dict[str, Any]) -> dict[str, Any]:
+        from .hierarchical import HierarchicalNet
+
+        state_dict = dict(state_dict)
+        net_sd = state_dict.pop("net", None)
+        glob = state_dict.pop("global_state", None)
+        if net_sd is not None:
+            if net_sd["config"] != self.net.config():
+                self.net = HierarchicalNet(**net_sd["config"]).to(next(self.net.parameters()).device)
+            self.net.load_state_dict(net_sd["weights"])
+            self.pretrained = net_sd.get("pretrained")
+            self._weights_cache.clear()
+        self._loaded_global = glob
+        state_dict["state"] = {
+            k: ({kk: (_Keep(vv) if isinstance(vv, Tensor) else vv) for kk, vv in v.items()} if isinstance(v, dict) else v)
+            for k, v in state_dict["state"].items()
+        }
+        return state_dict
+
+    @staticmethod
+    def _restore_state(self: "HierarchicalOptimizer") -> None:
+        for p, st in self.state.items():
+            if not (isinstance(p, Tensor) and isinstance(st, dict)):
+                continue
+            for k, v in list(st.items()):
+                if isinstance(v, _Keep):
+                    dt = v.value.dtype
+                    if k == "coord" and p.dtype != torch.float64:
+                        dt = v.value.dtype if v.value.dtype in (torch.float32, torch.bfloat16) else torch.float32
+                    elif p.dtype == torch.float64:
+                        dt = torch.float64
+                    elif v.value.is_floating_point():
+                        dt = torch.float32
+                    st[k] = v.value.to(device=p.device, dtype=dt, copy=True)
+        glob = self.__dict__.pop("_loaded_global", None)
+        if glob is not None:
+            dev = next((p.device for g in self.param_groups for p in g["params"]), glob.device)
+            self.global_state = glob.to(device=dev, dtype=torch.float32, copy=True)
+        else:
+            self.global_state = None
+
+    # -- copies ------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["net"] = self.net
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_weights_cache", {})
+        self.__dict__.setdefault("pretrained", None)
+        self.__dict__.setdefault("global_state", None)

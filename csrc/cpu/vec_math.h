@@ -8,8 +8,19 @@
 
 namespace learnedopt {
 
+// Operations every vector type shares (the hierarchical optimizer's maths needs them).
+template <typename V>
+struct VecCommonOps {
+  static C10_ALWAYS_INLINE V log(const V& x) { return x.log(); }
+  static C10_ALWAYS_INLINE V sqrt(const V& x) { return x.sqrt(); }
+  static C10_ALWAYS_INLINE V abs(const V& x) { return x.abs(); }
+  static C10_ALWAYS_INLINE V copysign(const V& x, const V& s) { return x.copysign(s); }
+  static C10_ALWAYS_INLINE V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
+  static C10_ALWAYS_INLINE V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+};
+
 template <typename S>
-struct MathOps<at::vec::Vectorized<S>> {
+struct MathOps<at::vec::Vectorized<S>> : VecCommonOps<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
   // SLEEF, 1 ulp.
   static C10_ALWAYS_INLINE V exp(const V& x) { return x.exp(); }
@@ -25,7 +36,7 @@ struct MathOps<at::vec::Vectorized<S>> {
 //   |x| <  1/4: the odd Taylor series to x^9 (truncation < 1e-8 relative).
 // NaN stays NaN (it takes the first branch); +-inf gives +-1.
 template <>
-struct MathOps<at::vec::Vectorized<float>> {
+struct MathOps<at::vec::Vectorized<float>> : VecCommonOps<at::vec::Vectorized<float>> {
   using V = at::vec::Vectorized<float>;
   static C10_ALWAYS_INLINE V exp(const V& x) { return V::blendv(x.exp_u20(), x, x.isnan()); }
   static C10_ALWAYS_INLINE V tanh(const V& x) {
