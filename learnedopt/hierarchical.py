@@ -240,14 +240,19 @@ class HierarchicalNet(nn.Module):
     # -- pieces of a step ----------------------------------------------------------------------
     def coord_bias(self, tensor_state: Tensor, global_state: Tensor) -> Tensor:
         """The per-tensor bias of the coordinate cell's gates: [T, 4H]."""
-        return tensor_state @ self.tensor_to_coord.t() + global_state @ self.global_to_coord.t()
+        dt = tensor_state.dtype
+        return tensor_state @ self.tensor_to_coord.t().to(dt) + global_state @ self.global_to_coord.t().to(dt)
 
     def tensor_rnn(self, inputs: Tensor, tensor_state: Tensor, global_state: Tensor) -> Tensor:
-        inj = (global_state @ self.global_to_tensor.t()).expand(tensor_state.shape[0], -1)
-        return bias_gru(inputs, tensor_state, self.tensor_w_ru, self.tensor_b_ru, self.tensor_w_c, self.tensor_b_c, inj)
+        dt = tensor_state.dtype
+        inj = (global_state @ self.global_to_tensor.t().to(dt)).expand(tensor_state.shape[0], -1)
+        return bias_gru(inputs, tensor_state, self.tensor_w_ru.to(dt), self.tensor_b_ru.to(dt), self.tensor_w_c.to(dt),
+                        self.tensor_b_c.to(dt), inj)
 
     def global_rnn(self, inputs: Tensor, global_state: Tensor) -> Tensor:
-        return bias_gru(inputs, global_state, self.global_w_ru, self.global_b_ru, self.global_w_c, self.global_b_c, None)
+        dt = global_state.dtype
+        return bias_gru(inputs, global_state, self.global_w_ru.to(dt), self.global_b_ru.to(dt), self.global_w_c.to(dt),
+                        self.global_b_c.to(dt), None)
 
     def advance_rnns(self, tensor_inputs: Tensor, tensor_state: Tensor, global_state: Tensor,
                      stepped: Tensor | None = None) -> tuple[Tensor, Tensor]:

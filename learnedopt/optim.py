@@ -306,8 +306,13 @@ class HierarchicalOptimizer(Optimizer):
         self.state_dtype = state_dtype
         self.fused = fused
         super().__init__(params, dict(lr=lr))
-        self.global_state: Tensor | None = None
         self._weights_cache: dict[Any, tuple] = {}
+        # created here, only ever updated in place in step() (torch.compile keeps in-place updates)
+        self.global_state = self._initial_global_state()
+
+    def _initial_global_state(self) -> Tensor:
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        return self.net.global0.detach().to(device=device, dtype=torch.float32).clone()
 
     def _use_fused(self, device: torch.device) -> bool:
         if self.fused is False or not self.net.fusable:
@@ -366,8 +371,9 @@ class HierarchicalOptimizer(Optimizer):
                 raise RuntimeError(f"HierarchicalOptimizer: every parameter must be on one device (its global RNN "
                                    f"couples them all), got {device} and {p.device}")
         cdt = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
-        if self.global_state is None:
-            self.global_state = self.net.global0.detach().to(device=device, dtype=torch.float32).clone()
+        if self.global_state.device != device:
+            raise RuntimeError(f"HierarchicalOptimizer: the parameters are on {device}, its global state on "
+                               f"{self.global_state.device}")
         glob = self.global_state.to(cdt)
         tensor_prev = torch.stack([s["tensor"].to(cdt) for s in states])
         numels = torch.tensor([p.numel() for p in params], dtype=cdt, device=device)
@@ -450,7 +456,7 @@ class HierarchicalOptimizer(Optimizer):
     def _add_net(self: "HierarchicalOptimizer", state_dict: dict[str, Any]) -> dict[str, Any]:
         state_dict["net"] = {"pretrained": self.pretrained, "config": self.net.config(),
                              "weights": {k: v.detach().clone() for k, v in self.net.state_dict().items()}}
-        state_dict["global_state"] = None if self.global_state is None else self.global_state.detach().clone()
+        state_dict["global_state"] = self.global_state.detach().clone()
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -499,20 +505,19 @@ class HierarchicalOptimizer(Optimizer):
                         dt = torch.float32
                     st[k] = v.value.to(device=p.device, dtype=dt, copy=True)
         glob = self.__dict__.pop("_loaded_global", None)
+        self.global_state = self._initial_global_state()
         if glob is not None:
-            dev = next((p.device for g in self.param_groups for p in g["params"]), glob.device)
-            self.global_state = glob.to(device=dev, dtype=torch.float32, copy=True)
-        else:
-            self.global_state = None
+            self.global_state.copy_(glob)
 
     # -- copies ------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["net"] = self.net
+        for k in ("net", "pretrained", "state_dtype", "fused", "global_state"):
+            state[k] = getattr(self, k)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_weights_cache", {})
-        self.__dict__.setdefault("pretrained", None)
-        self.__dict__.setdefault("global_state", None)
+        for k, v in (("pretrained", None), ("global_state", None), ("state_dtype", torch.float32), ("fused", None)):
+            self.__dict__.setdefault(k, v)
