@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark of the update cost of one optimizer step: the fused L2L step, its pure-PyTorch
-reference, and ``torch.optim.Adam`` (foreach and fused).
+reference, the hierarchical optimizer (fused, float32 and bfloat16 state, and its reference), and
+``torch.optim.Adam`` (foreach and fused).
 
 Run it as a script (``python bench/bench_step.py [options]``), through the package CLI
 (``python -m learnedopt bench-step [options]``), or import it and call ``main(argv)`` (which returns
@@ -32,6 +33,13 @@ never touched again). All implementations step the *same* parameter tensors one 
   Skipped (n/a) above ``--max-ref-size`` elements (default 1e7; the reference needs ~1.4 KB of
   temporaries per element of its largest tensor and is ~10x slower than the fused step on CPU).
 
+* ``hier-fused`` / ``hier-fused-bf16``: ``learnedopt.HierarchicalOptimizer(params, lr=1e-3,
+  net=HierarchicalNet(), state_dtype=float32 / bfloat16).step()`` (untrained weights, seed
+  ``--seed``): one ``torch.ops.learnedopt.hier_step_`` over the list plus the tensor and global RNNs;
+* ``hier-ref``: the same optimizer with ``fused=False`` (the pure-PyTorch reference, one tensor at a
+  time; n/a above ``--max-ref-size``). Its agreement with the fused step is tested in
+  tests/test_hierarchical.py, not checked here.
+
 Timing (``time_calls`` of bench_coord_lstm): untimed warm-up steps (``--warmup``; default 2, 1 for
 workloads above 1e6 elements; at least 1, since the first step allocates the optimizer state), then
 timed steps, each timed on its own: ``time.perf_counter`` on CPU; on CUDA a synchronize, then
@@ -48,7 +56,10 @@ itemsize of the optimizer state:
   float32 28 B.
 * L2L with LSTM layers H_1..H_L: each element has a state row of ``2 * sum(H)`` values (h and c of
   every layer; float32, float64 for float64 parameters). The step reads p, g and the state row and
-  writes p and the state row: ``s_p * (2 + 1) + s_s * 2 * 2 * sum(H)``. (20, 20), float32:
+  writes p and the state row: ``s_p * (2 + 1) + s_s * 2 * 2 * sum(H)``.
+* Hierarchical: each element has 32 state rows (31 inputs + the step's update u): read p, g and 31
+  rows, write p and 32 rows: ``3 * s_p + 63 * s_s``; float32 state 264 B (9.4x Adam's), bfloat16
+  state 138 B (4.9x). (20, 20), float32:
   ``4 * (2 + 80) + 4 * (1 + 80) = 652`` B, 23x Adam's. The reference moves far more (it
   materialises the gates and every intermediate), but its GB/s use the same count: they say how far
   each is from the minimum.
@@ -108,11 +119,17 @@ import model_shapes  # noqa: E402
 
 import learnedopt  # noqa: E402
 from learnedopt import reference  # noqa: E402
+from learnedopt.hierarchical import HierarchicalNet  # noqa: E402
 from learnedopt.nets import CoordinateLSTMNet  # noqa: E402
+from learnedopt.optim import HierarchicalOptimizer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
-IMPLS = ["adam-foreach", "adam-fused", "l2l-fused", "l2l-ref"]
+IMPLS = ["adam-foreach", "adam-fused", "l2l-fused", "l2l-ref", "hier-fused", "hier-fused-bf16", "hier-ref"]
+# hierarchical rows: (state dtype, fused)
+HIER = {"hier-fused": (torch.float32, True), "hier-fused-bf16": (torch.bfloat16, True), "hier-ref": (torch.float32, False)}
+HIER_LR = 1e-3
+HIER_ROWS = 32  # per-coordinate state rows (learnedopt.hierarchical.Rows, H = 10, S = 4)
 FULL_SIZES = [10_000, 100_000, 1_000_000, 10_000_000, 30_000_000]
 QUICK_SIZES = [10_000, 100_000, 1_000_000]
 MODELS = list(model_shapes.MODELS)
@@ -172,6 +189,10 @@ def bytes_per_elem(impl: str, dtype: torch.dtype, layers) -> int:
     s_p = torch.empty((), dtype=dtype).element_size()
     if impl.startswith("adam"):
         return 7 * s_p  # read p, g, m, v; write p, m, v
+    if impl.startswith("hier"):
+        # read p, g and the 31 state rows that are inputs; write p and all 32 rows (u included)
+        s_s = 8 if dtype == torch.float64 else HIER[impl][0].itemsize
+        return 3 * s_p + (2 * HIER_ROWS - 1) * s_s
     s_s = 8 if dtype == torch.float64 else 4
     W = state_width(layers)
     return s_p * (2 + 1) + s_s * 2 * W  # read p, g, state; write p, state
@@ -331,6 +352,24 @@ def bench_workload(device, name, kind, shapes, dtype, impls, args, l2l_na: str |
                     except RuntimeError as e:
                         failed("l2l-ref", e)
             opt = net = states = None
+    for impl, (sdt, fused) in HIER.items():
+        if impl not in impls:
+            continue
+        if l2l_na is not None:
+            na(impl, l2l_na)
+            continue
+        if not fused and numel > args.max_ref_size:
+            na(impl, f"above --max-ref-size {bcl._fmt_n(args.max_ref_size)}")
+            continue
+        try:
+            torch.manual_seed(args.seed)
+            hopt = HierarchicalOptimizer(params, lr=HIER_LR, net=HierarchicalNet().to(device), state_dtype=sdt,
+                                         fused=fused)
+            res[impl] = time_step(hopt.step, device, warmup, **timing)
+        except RuntimeError as e:
+            failed(impl, e)
+        hopt = None
+        bcl._free(device)
     params = None
     bcl._free(device)
 
@@ -351,7 +390,8 @@ def bench_workload(device, name, kind, shapes, dtype, impls, args, l2l_na: str |
                 gbs=row["bytes_per_elem"] * numel / (ms * 1e6),
                 x_adam_fused=ms / t["adam-fused"] if "adam-fused" in t else None,
                 x_adam_foreach=ms / t["adam-foreach"] if "adam-foreach" in t else None,
-                speedup_vs_ref=t["l2l-ref"] / ms if impl == "l2l-fused" and "l2l-ref" in t else None,
+                speedup_vs_ref=(t["l2l-ref"] / ms if impl == "l2l-fused" and "l2l-ref" in t else
+                                t["hier-ref"] / ms if impl.startswith("hier-fused") and "hier-ref" in t else None),
                 max_scaled_diff=err if impl == "l2l-fused" else None,
                 warmup=r["warmup"], repeat=r["repeat"], other_cores=r["other_cores"], times_ms=r["times_ms"],
                 warmup_times_ms=r["warmup_times_ms"],

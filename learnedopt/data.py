@@ -55,3 +55,28 @@ def mnist(split: str = "train") -> tuple[Tensor, Tensor]:
     lo, hi = MNIST_SPLITS[split]
     x, y = _mnist_all()
     return x[lo:hi], y[lo:hi]
+
+
+DIGITS_SPLITS = {"train": (0, 1200), "test": (1200, 1797)}
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_all() -> tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(_SPLIT_SEED))
+    return x[perm].reshape(-1, 1, 8, 8).contiguous(), y[perm].contiguous()
+
+
+def digits(split: str = "train") -> tuple[Tensor, Tensor]:
+    """The 1,797 real 8×8 handwritten digits of scikit-learn (``load_digits``; UCI), as images
+    ``(x [n, 1, 8, 8] float32 in [0, 1], y [n] int64)``; split with a fixed permutation into
+    ``"train"`` (1,200) and ``"test"`` (597)."""
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"learnedopt.data.digits: split must be one of {sorted(DIGITS_SPLITS)}, got {split!r}")
+    lo, hi = DIGITS_SPLITS[split]
+    x, y = _digits_all()
+    return x[lo:hi], y[lo:hi]

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Task", "TaskFamily", "SimpleTask", "QuadraticTask", "QuadraticFamily", "MNISTTask", "FixedFamily",
+__all__ = ["Task", "TaskFamily", "SimpleTask", "QuadraticTask", "QuadraticFamily", "MNISTTask", "MNISTConvTask",
+           "DigitsResNetTask", "FixedFamily",
            "make_family", "FAMILIES"]
 
 
@@ -203,6 +204,8 @@ FAMILIES = {
     "quadratic": QuadraticFamily,
     "mnist": lambda **kw: FixedFamily(MNISTTask(**kw)),
     "ensemble": lambda **kw: _ensemble(**kw),
+    "mnist_conv": lambda **kw: FixedFamily(MNISTConvTask(**kw)),
+    "digits_resnet": lambda **kw: FixedFamily(DigitsResNetTask(**kw)),
 }
 
 
@@ -210,3 +213,94 @@ def _ensemble(**kwargs) -> TaskFamily:
     from .ensemble import default_ensemble
 
     return default_ensemble(**kwargs)
+
+
+class MNISTConvTask(Task):
+    """Cross-entropy of a small convnet on real MNIST digits (the original code's MNIST convnet test
+    problem, filters (3×3, 8) and (5×5, 8)): conv 3×3 → 8, ``activation``, 2×2 max-pool, conv 5×5 → 8,
+    ``activation``, 2×2 max-pool, linear → 10. He-normal weights, zero biases (the original's N(0, 0.01)
+    leaves a sigmoid convnet nearly untrainable in a few hundred steps). Batches of ``batch_size``
+    drawn with replacement from ``split``."""
+
+    name = "mnist-conv"
+
+    def __init__(self, activation: str = "relu", batch_size: int = 64, split: str = "test"):
+        from . import data
+
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MNISTConvTask: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.activation, self.batch_size = activation, int(batch_size)
+        x, y = data.mnist(split)
+        self.data = (x.reshape(-1, 1, 28, 28), y)
+        self.shapes = [(8, 1, 3, 3), (8,), (8, 8, 5, 5), (8,), (8 * 4 * 4, 10), (10,)]
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        out = []
+        for s in self.shapes:
+            if len(s) == 1:
+                out.append(torch.zeros(s))
+            else:
+                fan_in = s[0] if len(s) == 2 else s[1] * s[2] * s[3]
+                out.append(torch.randn(s, generator=generator) * (2.0 / fan_in) ** 0.5)
+        return out
+
+    def sample_batch(self, generator: torch.Generator, split: str = "train") -> tuple[Tensor, Tensor]:
+        x, y = self.data
+        idx = torch.randint(0, x.shape[0], (self.batch_size,), generator=generator)
+        return x[idx], y[idx]
+
+    def loss(self, params: Sequence[Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
+        act = ACTIVATIONS[self.activation]
+        x, y = batch
+        x = F.max_pool2d(act(F.conv2d(x, params[0], params[1])), 2)  # 28 -> 26 -> 13
+        x = F.max_pool2d(act(F.conv2d(x, params[2], params[3])), 2)  # 13 -> 9 -> 4
+        return F.cross_entropy(torch.addmm(params[5], x.flatten(1), params[4]), y)
+
+
+class DigitsResNetTask(Task):
+    """Cross-entropy of a small ResNet (pre-activation style, batch-norm free) on scikit-learn's real
+    8×8 digits: conv 3×3 → ``width``; ``blocks`` residual blocks x + conv(relu(conv(relu(x)))) (3×3,
+    the second conv of each block scaled by 0 at init... no: He-normal × 0.1, so every block starts
+    near the identity); global average pool; linear → 10. Batches of ``batch_size`` from ``split``."""
+
+    name = "digits-resnet"
+
+    def __init__(self, width: int = 16, blocks: int = 2, batch_size: int = 64, split: str = "test"):
+        from . import data
+
+        self.width, self.blocks, self.batch_size = int(width), int(blocks), int(batch_size)
+        self.data = data.digits(split)
+        w = self.width
+        self.shapes = [(w, 1, 3, 3), (w,)]
+        for _ in range(self.blocks):
+            self.shapes += [(w, w, 3, 3), (w,), (w, w, 3, 3), (w,)]
+        self.shapes += [(w, 10), (10,)]
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        out = []
+        for i, s in enumerate(self.shapes):
+            if len(s) == 1:
+                out.append(torch.zeros(s))
+                continue
+            fan_in = s[0] if len(s) == 2 else s[1] * s[2] * s[3]
+            scale = (2.0 / fan_in) ** 0.5
+            second_conv = len(s) == 4 and i >= 2 and (i - 2) % 4 == 2
+            out.append(torch.randn(s, generator=generator) * scale * (0.1 if second_conv else 1.0))
+        return out
+
+    def sample_batch(self, generator: torch.Generator, split: str = "train") -> tuple[Tensor, Tensor]:
+        x, y = self.data
+        idx = torch.randint(0, x.shape[0], (self.batch_size,), generator=generator)
+        return x[idx], y[idx]
+
+    def loss(self, params: Sequence[Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        x = F.conv2d(x, params[0], params[1], padding=1)
+        k = 2
+        for _ in range(self.blocks):
+            r = F.conv2d(F.relu(x), params[k], params[k + 1], padding=1)
+            r = F.conv2d(F.relu(r), params[k + 2], params[k + 3], padding=1)
+            x = x + r
+            k += 4
+        x = F.relu(x).mean((2, 3))
+        return F.cross_entropy(torch.addmm(params[k + 1], x, params[k]), y)
