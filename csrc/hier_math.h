@@ -116,22 +116,29 @@ LO_UNROLL
   for (int s = 0; s < S; ++s) feat[2 * S - 1 + s] = log_ms[s] - mean_log_ms;
   const T log_lr = st[R_LOG_LR];
   feat[F - 1] = log_lr - mean_log_lr;
-  // 4. the LSTM cell, unit by unit (gate rows j, H + j, 2H + j, 3H + j)
+  // 4. the LSTM cell, unit by unit (gate rows j, H + j, 2H + j, 3H + j); each input is read once
+  // for the four gates of a unit
   T h_new[H];
 LO_NO_UNROLL
   for (int j = 0; j < H; ++j) {
-    T z[4];
+    T z0 = bias[j], z1 = bias[H + j], z2 = bias[2 * H + j], z3 = bias[3 * H + j];
 LO_UNROLL
-    for (int q = 0; q < 4; ++q) {
-      const int row = q * H + j;
-      T acc = bias[row];
-LO_UNROLL
-      for (int k = 0; k < F; ++k) acc = acc + T(w[W_IH + row * F + k]) * feat[k];
-LO_UNROLL
-      for (int k = 0; k < H; ++k) acc = acc + T(w[W_HH + row * H + k]) * st[R_H + k];
-      z[q] = acc;
+    for (int k = 0; k < F; ++k) {
+      const T v = feat[k];
+      z0 = z0 + T(w[W_IH + j * F + k]) * v;
+      z1 = z1 + T(w[W_IH + (H + j) * F + k]) * v;
+      z2 = z2 + T(w[W_IH + (2 * H + j) * F + k]) * v;
+      z3 = z3 + T(w[W_IH + (3 * H + j) * F + k]) * v;
     }
-    const LstmUnit<T> u = lstm_unit_forward(z[0], z[1], z[2], z[3], st[R_C + j]);
+LO_UNROLL
+    for (int k = 0; k < H; ++k) {
+      const T v = st[R_H + k];
+      z0 = z0 + T(w[W_HH + j * H + k]) * v;
+      z1 = z1 + T(w[W_HH + (H + j) * H + k]) * v;
+      z2 = z2 + T(w[W_HH + (2 * H + j) * H + k]) * v;
+      z3 = z3 + T(w[W_HH + (3 * H + j) * H + k]) * v;
+    }
+    const LstmUnit<T> u = lstm_unit_forward(z0, z1, z2, z3, st[R_C + j]);
     st[R_C + j] = u.c_new;
     h_new[j] = u.h_new;
   }

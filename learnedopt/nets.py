@@ -145,3 +145,8 @@ class CoordinateLSTMNet(nn.Module):
     def extra_repr(self) -> str:
         return (f"layers={self.layers}, preprocess={self.preprocess!r}, p={self.p}, "
                 f"output_scale={self.output_scale}")
+
+
+# The hierarchical optimizer's network lives with its maths in learnedopt.hierarchical; it is a net
+# like the others, so it is reachable from here too.
+from .hierarchical import HierarchicalNet  # noqa: E402

@@ -47,7 +47,9 @@ struct Tile {
 
 // Pass 2's maths on a full tile (padding lanes compute on zeros and are never stored or summed).
 template <typename acc_t>
-void compute_tile(Tile<acc_t>& t, const acc_t* w, const acc_t* bias, acc_t mean_log_lr) {
+void compute_tile(Tile<acc_t>& t, const Vectorized<acc_t>* w, const acc_t* bias, acc_t mean_log_lr) {
+  // w: the packed weights, each broadcast to a vector (the gate FMAs then read them as memory
+  // operands: no broadcast instruction per FMA)
   using V = Vectorized<acc_t>;
   constexpr int64_t VS = V::size();
   V bias_v[G4];
@@ -63,12 +65,26 @@ void compute_tile(Tile<acc_t>& t, const acc_t* w, const acc_t* bias, acc_t mean_
   }
 }
 
+// Sum of the first m values of a tile row: SIMD lanes (zero-filled past m), then the lanes in order.
+template <typename acc_t>
+double tile_sum(const acc_t* x, int64_t m) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t VS = V::size();
+  V acc(acc_t(0));
+  for (int64_t i = 0; i < m; i += VS) acc = acc + V::loadu(x + i, std::min<int64_t>(VS, m - i));
+  acc_t lanes[VS];
+  acc.store(lanes);
+  double s = 0.0;
+  for (int64_t l = 0; l < VS; ++l) s += double(lanes[l]);
+  return s;
+}
+
 template <typename acc_t>
 struct Run {
   const std::vector<Item>& items;
   TensorList grads, states;
   const std::vector<Tensor>& P;  // contiguous parameters
-  const acc_t* w;                // packed weights in acc_t
+  const Vectorized<acc_t>* w;    // packed weights, broadcast
   const std::vector<acc_t>& bias;  // [T, 4H]: b + coord_bias
   acc_t mean_log_lr, inv_scale;
   const std::vector<char>& ok;
@@ -97,24 +113,12 @@ struct Run {
         state_t* dst = s + r * n + c0;
         for (int64_t i = 0; i < m; ++i) dst[i] = state_t(t.st[r][i]);
       }
-      // partial sums, in a fixed order
-      for (int j = 0; j < H; ++j) {
-        acc_t a(0);
-        for (int64_t i = 0; i < m; ++i) a += t.st[R_H + j][i];
-        sums[K_H + j] += double(a);
-      }
-      for (int f = 0; f < F; ++f) {
-        acc_t a(0);
-        for (int64_t i = 0; i < m; ++i) a += t.feat[f][i];
-        sums[K_FEAT + f] += double(a);
-      }
-      acc_t d2(0), ll(0);
-      for (int64_t i = 0; i < m; ++i) {
-        d2 += t.d[i] * t.d[i];
-        ll += t.st[R_LOG_LR][i];
-      }
-      sums[K_D2] += double(d2);
-      sums[K_LOG_LR] += double(ll);
+      // partial sums, in a fixed order (SIMD lanes, then the lanes in order)
+      for (int j = 0; j < H; ++j) sums[K_H + j] += tile_sum(t.st[R_H + j], m);
+      for (int f = 0; f < F; ++f) sums[K_FEAT + f] += tile_sum(t.feat[f], m);
+      for (int64_t i = 0; i < m; ++i) t.d[i] *= t.d[i];
+      sums[K_D2] += tile_sum(t.d, m);
+      sums[K_LOG_LR] += tile_sum(t.st[R_LOG_LR], m);
     }
   }
 };
@@ -171,11 +175,14 @@ void step_impl(TensorList params, TensorList grads, TensorList states, const Ten
   const Tensor wt = weights.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   const acc_t* w = wt.const_data_ptr<acc_t>();
   const Tensor cb = coord_bias.to(at::kDouble).contiguous();
+  const double* cbp = cb.const_data_ptr<double>();
   std::vector<acc_t> bias(T * G4);
   for (int64_t j = 0; j < T; ++j)
-    for (int q = 0; q < G4; ++q) bias[j * G4 + q] = acc_t(double(w[W_B + q]) + cb[idx[j]][q].item<double>());
+    for (int q = 0; q < G4; ++q) bias[j * G4 + q] = acc_t(double(w[W_B + q]) + cbp[idx[j] * G4 + q]);
   std::vector<double> partial(n_items * K, 0.0);
-  Run<acc_t> run{items, G, S, P, w, bias, acc_t(mean_log_lr), acc_t(inv_scale), ok, partial};
+  std::vector<Vectorized<acc_t>> wv(NUM_WEIGHTS);
+  for (int k = 0; k < NUM_WEIGHTS; ++k) wv[k] = Vectorized<acc_t>(w[k]);
+  Run<acc_t> run{items, G, S, P, wv.data(), bias, acc_t(mean_log_lr), acc_t(inv_scale), ok, partial};
   at::parallel_for(0, n_items, 1, [&](int64_t k0, int64_t k1) {
     auto tile = std::make_unique<Tile<acc_t>>();
     for (int64_t k = k0; k < k1; ++k) {
@@ -195,7 +202,7 @@ void step_impl(TensorList params, TensorList grads, TensorList states, const Ten
   for (int64_t j = 0; j < T; ++j) {
     sums[j * K + K_STEPPED] = ok[j] ? 1.0 : 0.0;
     const double n = double(P[j].numel());
-    scale[j] = acc_t(lrs[idx[j]] / std::sqrt(sums[j * K + K_D2] / n + RMS_EPS));
+    if (ok[j]) scale[j] = acc_t(lrs[idx[j]] / std::sqrt(sums[j * K + K_D2] / n + RMS_EPS));
   }
 
   // Pass 3: p -= lr / rms(d) * u.
@@ -215,7 +222,7 @@ void step_impl(TensorList params, TensorList grads, TensorList states, const Ten
     }
   });
   for (size_t j = 0; j < idx.size(); ++j)
-    if (!P[j].is_same(params[idx[j]])) params[idx[j]].copy_(P[j]);
+    if (ok[j] && !P[j].is_same(params[idx[j]])) params[idx[j]].copy_(P[j]);
   auto out = sums_out.accessor<float, 2>();
   for (int64_t j = 0; j < T; ++j)
     for (int q = 0; q < K; ++q) out[idx[j]][q] = float(sums[j * K + q]);
@@ -229,6 +236,13 @@ Tensor hier_step_cpu(TensorList params, TensorList grads, TensorList states, con
   at::AutoDispatchBelowADInplaceOrView guard;
   const int64_t T = int64_t(params.size());
   Tensor sums = at::zeros({T, K}, weights.options());
+  for (const char* name : {"grad_scale", "found_inf"}) {
+    const auto& t = std::string(name) == "grad_scale" ? grad_scale : found_inf;
+    if (t.has_value() && t->defined())
+      TORCH_CHECK(t->device().is_cpu() && t->numel() == 1, op, ": ", name,
+                  " must be a one-element tensor on the CPU (the parameters' device), got ", t->numel(),
+                  " elements on ", t->device());
+  }
   if (found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0.0) return sums;
   double inv_scale = 1.0;
   if (grad_scale.has_value() && grad_scale->defined()) inv_scale = 1.0 / grad_scale->item<double>();
