@@ -254,7 +254,10 @@ class HierarchicalOptimizer(Optimizer):
 
     Args:
         params: parameters or parameter groups, as any ``torch.optim`` optimizer (one device).
-        lr: the initial learning rate (see above).
+        lr: the initial learning rate (see above). The default, 1e-4, is the centre of the initial
+            learning rates the shipped weights were meta-trained from (the original code's
+            exp(U(ln 1e-6, ln 1e-2)) per coordinate); the network raises it where it can. Starting
+            far above it (1e-2 and up) can overshoot: docs/hierarchical.md has the measurements.
         net: a :class:`~learnedopt.hierarchical.HierarchicalNet`; default: the shipped pretrained
             weights ``pretrained``.
         pretrained: the name of shipped weights (``learnedopt.pretrained.available()``); default
@@ -278,7 +281,7 @@ class HierarchicalOptimizer(Optimizer):
 
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, lr: float = 1e-3, net=None, pretrained: str | None = None,
+    def __init__(self, params, lr: float = 1e-4, net=None, pretrained: str | None = None,
                  state_dtype: torch.dtype = torch.float32, fused: bool | None = None):
         from .hierarchical import HierarchicalNet
 

@@ -5,7 +5,7 @@ Each entry is a ``.pt`` file in this folder written by :func:`learnedopt.meta.sa
 ``configs/`` and its log in ``docs/``).
 
     >>> learnedopt.pretrained.available()
-    ['l2l-mnist', 'l2l-quadratic']
+    ['hierarchical-ensemble', 'l2l-mnist', 'l2l-quadratic']
     >>> rule = learnedopt.pretrained.load("l2l-mnist")          # a learnedopt.meta.L2LRule
     >>> opt = learnedopt.L2LOptimizer(model.parameters(), pretrained="l2l-mnist")
 """
@@ -34,6 +34,15 @@ WEIGHTS: dict[str, tuple[str, str, str]] = {
         "L2L (2x20 coordinatewise LSTM, log/sign preprocessing p=10, output x0.1) meta-trained on 10-d "
         "Gaussian quadratics ||W theta - y||^2 (128 per task), 100 steps, unroll 20",
         "python -m learnedopt meta-train --config configs/l2l-quadratic.json --out runs/l2l-quadratic",
+    ),
+    "hierarchical-ensemble": (
+        "hierarchical-ensemble.pt",
+        "Hierarchical optimizer (per-coordinate LSTM 10, tensor GRU 20, global GRU 20; Wichrowska et al. 2017) "
+        "meta-trained on the 101-problem ensemble of the original code (quadratics, bowls, 2-D test functions, "
+        "logistic regression, random-label MLPs, matrix-multiplication algorithms, norms, sums; rescaled, "
+        "log-objective, noisy and sparse variants), heavy-tailed unrolls, log loss-ratio meta-objective; "
+        "the default of learnedopt.HierarchicalOptimizer",
+        "python -m learnedopt meta-train --config configs/hierarchical-ensemble.json --out runs/hierarchical-ensemble",
     ),
 }
 
@@ -67,9 +76,10 @@ def load(name: str) -> nn.Module:
 
 
 def load_net(name: str):
-    """The network of an L2L rule: a :class:`learnedopt.nets.CoordinateLSTMNet` for ``L2LOptimizer``."""
+    """The network of a rule: a :class:`learnedopt.nets.CoordinateLSTMNet` (L2L) for ``L2LOptimizer``, a
+    :class:`learnedopt.hierarchical.HierarchicalNet` for ``HierarchicalOptimizer``."""
     rule = load(name)
     net = getattr(rule, "net", None)
     if net is None:
-        raise ValueError(f"learnedopt.pretrained: {name!r} is a {type(rule).__name__}, not an L2L network")
+        raise ValueError(f"learnedopt.pretrained: {name!r} is a {type(rule).__name__}, which has no network")
     return net
