@@ -1,7 +1,7 @@
 """Command line of learnedopt: ``python -m learnedopt <command> [args]``.
 
 Commands:
-  demo [args]         the main job: the shipped learned optimizer vs tuned Adam on an MNIST MLP.
+  demo [args]         the main job: the shipped learned optimizers vs tuned Adam on an MNIST MLP.
   meta-train --config FILE --out DIR [--resume]
                       meta-train a learned update rule (learnedopt.meta.MetaTrainer).
   evaluate [args]     learned rules vs SGD / RMSprop / Adam / NAG with tuned learning rates.
@@ -25,7 +25,8 @@ usage: {PROG} <command> [args]
 
 commands:
   demo [args]    the main job: train an MLP on real MNIST digits (never seen in meta-training) with
-                 the shipped learned optimizer (L2LOptimizer, pretrained="l2l-mnist") and with Adam
+                 the shipped learned optimizers (L2LOptimizer, pretrained="l2l-mnist", and
+                 HierarchicalOptimizer with its default weights) and with Adam
                  (learning rate tuned on a grid) on the same minibatches; prints a table, writes
                  runs/demo/demo.png. About a minute on CPU. `{PROG} demo --help` for options.
   meta-train --config FILE --out DIR [--resume] [--epochs N]
@@ -179,12 +180,13 @@ def demo(args: list[str]) -> int:
     import argparse
 
     from . import evaluate, pretrained, tasks
-    from .optim import L2LOptimizer
+    from .optim import DEFAULT_HIERARCHICAL, HierarchicalOptimizer, L2LOptimizer
 
     ap = argparse.ArgumentParser(prog=f"{PROG} demo", description=(
         "Train an MLP (784-20-10, sigmoid) on real MNIST digits never seen in meta-training with the shipped "
-        "learned optimizer (L2LOptimizer, pretrained='l2l-mnist') and with Adam (learning rate tuned on a grid), "
-        "on the same minibatches; print a table and write a PNG."))
+        "learned optimizers (L2LOptimizer, pretrained='l2l-mnist'; HierarchicalOptimizer with its default weights, "
+        "meta-trained on an ensemble of small problems without MNIST) and with Adam (learning rate tuned on a "
+        "grid), on the same minibatches; print a table and write a PNG."))
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tune-runs", type=int, default=2)
@@ -196,6 +198,8 @@ def demo(args: list[str]) -> int:
     family = tasks.make_family("mnist", split="test")
     name = f"L2LOptimizer ({a.weights})"
     learned = {name: lambda ps: L2LOptimizer(ps, pretrained=a.weights)}
+    if DEFAULT_HIERARCHICAL in pretrained.available():
+        learned[f"HierarchicalOptimizer ({DEFAULT_HIERARCHICAL}, lr 1e-4)"] = lambda ps: HierarchicalOptimizer(ps)
     print(f"{PROG} demo: MNIST MLP 784-20-10 (sigmoid), batch 128, {a.steps} steps, {a.runs} runs; tuning Adam's "
           f"learning rate on {len(evaluate.LR_GRID)} values x {a.tune_runs} runs ...", flush=True)
     result = evaluate.evaluate(learned, family, steps=a.steps, runs=a.runs, seed=1000, baselines=("adam",),

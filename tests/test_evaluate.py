@@ -72,11 +72,17 @@ def test_l2l_optimizer_follows_the_meta_trained_rule():
 def test_shipped_weights():
     names = pretrained.available()
     assert names == sorted(pretrained.WEIGHTS)  # every registered file is installed
+    from learnedopt.hierarchical import HierarchicalRule
+
     for name in names:
         blob = torch.load(pretrained.path(name), weights_only=True)  # no code unpickled
-        assert blob["kind"] == "l2l"
         rule = pretrained.load(name)
-        assert isinstance(rule, meta.L2LRule) and rule.net.layers == (20, 20)
+        if name.startswith("l2l"):
+            assert blob["kind"] == "l2l"
+            assert isinstance(rule, meta.L2LRule) and rule.net.layers == (20, 20)
+        else:
+            assert blob["kind"] == "hierarchical" and isinstance(rule, HierarchicalRule)
+            assert rule.net.fusable  # the fused kernels' sizes
         info = pretrained.info(name)
         assert info["command"].startswith("python -m learnedopt meta-train --config configs/")
         assert all(torch.isfinite(p).all() for p in rule.parameters())

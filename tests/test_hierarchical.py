@@ -553,3 +553,45 @@ def test_meta_train_on_the_ensemble_runs_and_saves_a_loadable_rule(tmp_path):
         assert torch.equal(a, b)
     opt = HierarchicalOptimizer([torch.zeros(3, requires_grad=True)], net=loaded.net)
     assert opt.net is loaded.net
+
+
+def test_default_is_the_shipped_pretrained_network():
+    from learnedopt import pretrained
+
+    assert "hierarchical-ensemble" in pretrained.available()
+    p = torch.zeros(5, requires_grad=True)
+    opt = HierarchicalOptimizer([p])
+    assert opt.pretrained == "hierarchical-ensemble" and opt.param_groups[0]["lr"] == 1e-4
+    shipped = pretrained.load("hierarchical-ensemble")
+    assert isinstance(shipped, HierarchicalRule)
+    for a, b in zip(opt.net.state_dict().values(), shipped.net.state_dict().values()):
+        assert torch.equal(a, b)
+    sd = _save_load(opt.state_dict())
+    assert sd["net"]["pretrained"] == "hierarchical-ensemble"
+    info = pretrained.info("hierarchical-ensemble")
+    assert info["kind"] == "hierarchical" and "meta-train" in info["command"]
+
+
+def test_shipped_network_trains_an_unseen_problem_better_than_default_adam():
+    """The shipped weights were meta-trained on small problems only; on a logistic regression of
+    scikit-learn's 8x8 digits (not in the ensemble) 200 steps at the default lr 1e-4 must beat Adam
+    at its default lr 1e-3 (measured: roughly 0.05 vs 0.3)."""
+    from learnedopt import data
+
+    x, y = data.digits("train")
+    x = x.reshape(len(x), -1)
+
+    def run(make):
+        torch.manual_seed(0)
+        model = nn.Linear(64, 10)
+        opt = make(model.parameters())
+        for _ in range(200):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return nn.functional.cross_entropy(model(x), y).item()
+
+    learned = run(lambda ps: HierarchicalOptimizer(ps))
+    adam = run(lambda ps: torch.optim.Adam(ps, lr=1e-3))
+    assert learned < adam, (learned, adam)
