@@ -591,7 +591,12 @@ def plot_log(log_path: str | os.PathLike, png: str | os.PathLike) -> None:
     ev = [(r["epoch"], r[key]) for r in recs if key in r]
     fig, axes = plt.subplots(1, 2 if ev else 1, figsize=(10 if ev else 5, 3.5), squeeze=False)
     ax = axes[0][0]
-    ax.plot(ep, ml, lw=0.8)
+    ax.plot(ep, ml, lw=0.8, alpha=0.5 if len(ml) > 100 else 1.0)
+    if len(ml) > 100:  # trajectories differ (task families, lengths): a running mean shows the trend
+        w = max(10, len(ml) // 30)
+        run = [sum(ml[max(0, i - w + 1): i + 1]) / len(ml[max(0, i - w + 1): i + 1]) for i in range(len(ml))]
+        ax.plot(ep, run, lw=1.5, color="k", label=f"running mean ({w})")
+        ax.legend()
     ax.set_xlabel("epoch")
     ax.set_ylabel("meta-loss (per unroll)")
     if ml and min(ml) > 0:

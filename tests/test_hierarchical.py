@@ -575,7 +575,7 @@ def test_default_is_the_shipped_pretrained_network():
 def test_shipped_network_trains_an_unseen_problem_better_than_default_adam():
     """The shipped weights were meta-trained on small problems only; on a logistic regression of
     scikit-learn's 8x8 digits (not in the ensemble) 200 steps at the default lr 1e-4 must beat Adam
-    at its default lr 1e-3 (measured: roughly 0.05 vs 0.3)."""
+    at its default lr 1e-3 (measured with the shipped weights: 1.3e-4 vs 1.2)."""
     from learnedopt import data
 
     x, y = data.digits("train")
