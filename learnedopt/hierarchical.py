@@ -397,10 +397,12 @@ def step_reference(net: HierarchicalNet, params: Sequence[Tensor], grads: Sequen
 
 
 def initial_state(net: HierarchicalNet, params: Sequence[Tensor], log_lr: float = 0.0,
-                  generator: torch.Generator | None = None) -> HierState:
+                  generator: torch.Generator | None = None,
+                  lr_range: tuple[float, float] = (1e-6, 1e-2)) -> HierState:
     """The state before the first step. Per-coordinate log learning rates are ``log_lr`` or, with a
-    ``generator``, random as in the original code (per coordinate U(ln 1e-6 / 2, ln 1e-2 / 2) plus one
-    per-tensor draw from the same range). Float32 (float64 for float64 parameters)."""
+    ``generator``, random as in the original code: per coordinate U(ln lo / 2, ln hi / 2) plus one
+    per-tensor draw from the same range, (lo, hi) = ``lr_range`` (the original's (1e-6, 1e-2)).
+    Float32 (float64 for float64 parameters)."""
     sizes = [p.numel() for p in params]
     dt = torch.float64 if params and params[0].dtype == torch.float64 else torch.float32
     dev = params[0].device if params else None
@@ -408,7 +410,7 @@ def initial_state(net: HierarchicalNet, params: Sequence[Tensor], log_lr: float 
     if generator is None:
         lr0: Tensor | float = float(log_lr)
     else:
-        lo, hi = INIT_LOG_LR_RANGE
+        lo, hi = math.log(lr_range[0]) / 2, math.log(lr_range[1]) / 2
         per_tensor = lo + (hi - lo) * torch.rand(T, generator=generator, dtype=dt)
         per_coord = lo + (hi - lo) * torch.rand(N, generator=generator, dtype=dt)
         lr0 = (per_coord + torch.repeat_interleave(per_tensor, torch.tensor(sizes, dtype=torch.long))).to(dev)
@@ -424,23 +426,33 @@ class HierarchicalRule(nn.Module):
     """The hierarchical optimizer as a meta-trainable update rule (:mod:`learnedopt.meta`), on the
     pure-PyTorch reference step. Zero-size tensors are passed through. ``init_state(params,
     generator)`` draws the original code's random initial learning rates when given a generator (as
-    meta-training does) and uses ``init_log_lr`` otherwise (evaluation)."""
+    meta-training does; ``init_lr_range`` = (lo, hi): the range of the initial learning rates, the
+    original's (1e-6, 1e-2) by default) and uses ``init_log_lr`` otherwise (evaluation)."""
 
     kind = "hierarchical"
     random_init = True  # learnedopt.meta.start passes its generator to init_state
 
-    def __init__(self, net: HierarchicalNet | None = None, init_log_lr: float = math.log(1e-3), **net_kwargs):
+    def __init__(self, net: HierarchicalNet | None = None, init_log_lr: float = math.log(1e-3),
+                 init_lr_range: Sequence[float] = (1e-6, 1e-2), **net_kwargs):
         super().__init__()
         if net is not None and net_kwargs:
             raise TypeError("HierarchicalRule: pass either net or the HierarchicalNet keyword arguments, not both")
+        lo, hi = (float(v) for v in init_lr_range)
+        if not 0 < lo <= hi:
+            raise ValueError(f"HierarchicalRule: init_lr_range must be (lo, hi) with 0 < lo <= hi, got {init_lr_range}")
         self.net = net if net is not None else HierarchicalNet(**net_kwargs)
         self.init_log_lr = float(init_log_lr)
+        self.init_lr_range = (lo, hi)
 
     def config(self) -> dict[str, Any]:
-        return {**self.net.config(), "init_log_lr": self.init_log_lr}
+        cfg = {**self.net.config(), "init_log_lr": self.init_log_lr}
+        if self.init_lr_range != (1e-6, 1e-2):
+            cfg["init_lr_range"] = list(self.init_lr_range)
+        return cfg
 
     def init_state(self, params: Sequence[Tensor], generator: torch.Generator | None = None) -> HierState:
-        return initial_state(self.net, [p for p in params if p.numel()], self.init_log_lr, generator)
+        return initial_state(self.net, [p for p in params if p.numel()], self.init_log_lr, generator,
+                             self.init_lr_range)
 
     def forward(self, params: Sequence[Tensor], grads: Sequence[Tensor], state: HierState):
         idx = [i for i, p in enumerate(params) if p.numel()]

@@ -164,6 +164,17 @@ def rule_from_blob(blob: dict[str, Any]) -> nn.Module:
     return rule
 
 
+def _init_weights(source: str) -> dict[str, Tensor]:
+    """The state dict of a save_rule file, or of shipped weights by name (MetaConfig.init_from)."""
+    from . import pretrained
+
+    path = pretrained.path(source) if source in pretrained.WEIGHTS else Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"MetaConfig.init_from: {source!r} is neither shipped weights "
+                                f"({sorted(pretrained.WEIGHTS)}) nor a file")
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
 def _atomic_save(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -298,6 +309,9 @@ class MetaConfig:
     task_kwargs: dict = dataclasses.field(default_factory=dict)
     rule: str = "l2l"
     rule_kwargs: dict = dataclasses.field(default_factory=dict)
+    # start from these weights (a file written by save_rule, or the name of shipped weights) instead
+    # of a fresh initialisation; the rule's configuration must fit them
+    init_from: str | None = None
     objective: str = "sum"
     validation: bool = False
     second_derivatives: bool = False
@@ -414,6 +428,8 @@ class MetaTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)  # the rule's initial weights
         self.rule = rule if rule is not None else make_rule(config.rule, **config.rule_kwargs)
+        if config.init_from:
+            self.rule.load_state_dict(_init_weights(config.init_from))
         self.family = family if family is not None else make_family(config.task, **config.task_kwargs)
         opt_cls = getattr(torch.optim, config.meta_optimizer)
         self.meta_opt = opt_cls(self.rule.parameters(), lr=config.meta_lr, **config.meta_optimizer_kwargs)

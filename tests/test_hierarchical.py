@@ -595,3 +595,22 @@ def test_shipped_network_trains_an_unseen_problem_better_than_default_adam():
     learned = run(lambda ps: HierarchicalOptimizer(ps))
     adam = run(lambda ps: torch.optim.Adam(ps, lr=1e-3))
     assert learned < adam, (learned, adam)
+
+
+def test_init_from_and_init_lr_range(tmp_path):
+    rule = HierarchicalRule(make_net(), init_lr_range=(1e-4, 1e-1))
+    st = rule.init_state(params_like([(400,), (300,)]), torch.Generator().manual_seed(0))
+    ll = st.coord[rule.net.rows.log_lr]
+    assert math.log(1e-4) - 1e-5 <= ll.min() and ll.max() <= math.log(1e-1) + 1e-5 and ll.max() > math.log(1e-2)
+    meta.save_rule(rule, tmp_path / "r.pt")
+    assert meta.load_rule(tmp_path / "r.pt").init_lr_range == (1e-4, 1e-1)
+    with pytest.raises(ValueError, match="init_lr_range"):
+        HierarchicalRule(make_net(), init_lr_range=(1e-2, 1e-4))
+    cfg = meta.MetaConfig(task="quadratic", rule="hierarchical", init_from="hierarchical-ensemble", epochs=0)
+    tr = meta.MetaTrainer(cfg, tmp_path / "run")
+    from learnedopt import pretrained
+
+    for a, b in zip(tr.rule.state_dict().values(), pretrained.load("hierarchical-ensemble").state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        meta.MetaTrainer(meta.MetaConfig(rule="hierarchical", init_from="nope.pt", epochs=0), tmp_path / "x")
