@@ -614,3 +614,36 @@ def test_init_from_and_init_lr_range(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(FileNotFoundError, match="init_from"):
         meta.MetaTrainer(meta.MetaConfig(rule="hierarchical", init_from="nope.pt", epochs=0), tmp_path / "x")
+
+
+def test_closure_hooks_and_add_param_group():
+    net = make_net()
+    a, b = params_like([(6,), (4,)])
+    opt = HierarchicalOptimizer([a], lr=1e-2, net=net)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+
+    def closure():
+        calls.append("closure")
+        a.grad = torch.ones_like(a)
+        return torch.tensor(3.0)
+
+    assert opt.step(closure).item() == 3.0
+    assert calls == ["pre", "closure", "post"]
+    opt.add_param_group({"params": [b], "lr": 0.0})
+    b0 = b.clone()
+    a.grad, b.grad = torch.randn(6), torch.randn(4)
+    opt.step()
+    assert torch.equal(b, b0) and "coord" in opt.state[b]  # lr 0: stepped state, unchanged parameter
+    opt.zero_grad()
+    assert a.grad is None and b.grad is None
+
+
+def test_load_state_dict_rejects_a_mismatched_state_dict():
+    net = make_net()
+    ps = params_like([(6,), (4,)])
+    opt = HierarchicalOptimizer(ps, net=net)
+    other = HierarchicalOptimizer(params_like([(6,)]), net=net)
+    with pytest.raises(ValueError):
+        other.load_state_dict(opt.state_dict())
