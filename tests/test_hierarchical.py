@@ -271,6 +271,11 @@ def test_op_argument_errors_name_the_argument():
         op(ps, gs, st, torch.zeros(1, 40), torch.tensor(0.0), w, [1.0, 2.0])
     with pytest.raises(RuntimeError, match=r"states\[0\] must be float32 or bfloat16"):
         op(ps, gs, [st[0].half()], torch.zeros(1, 40), torch.tensor(0.0), w, [1.0])
+    f8 = [p.to(torch.float8_e4m3fn) for p in ps]
+    with pytest.raises(RuntimeError, match=r"params\[0\] must be float32, float64, float16 or bfloat16"):
+        op(f8, f8, st, torch.zeros(1, 40), torch.tensor(0.0), w, [1.0])
+    with pytest.raises(RuntimeError, match="found_inf must be a one-element tensor"):
+        op(ps, gs, st, torch.zeros(1, 40), torch.tensor(0.0), w, [1.0], found_inf=torch.zeros(2))
 
 
 # --------------------------------------------------------------------------------------------
