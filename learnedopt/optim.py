@@ -301,9 +301,12 @@ class HierarchicalOptimizer(Optimizer):
         if not isinstance(net, HierarchicalNet):
             raise TypeError(f"HierarchicalOptimizer: net must be a learnedopt.hierarchical.HierarchicalNet, got "
                             f"{type(net).__name__}")
+        if net.attention:
+            raise ValueError("HierarchicalOptimizer: attention=True (the look-ahead point) is supported by the "
+                             "meta-training rule (learnedopt.hierarchical.step_reference) only, not by the optimizer")
         if fused and not net.fusable:
-            raise ValueError("HierarchicalOptimizer: fused=True needs a network with hidden=10, scales=4 and no "
-                             f"attention (the fused kernels' sizes), got {net.config()}")
+            raise ValueError("HierarchicalOptimizer: fused=True needs a network with hidden=10 and scales=4 (the "
+                             f"fused kernels' sizes), got {net.config()}")
         self.net = net
         self.pretrained = pretrained
         self.state_dtype = state_dtype

@@ -412,6 +412,8 @@ def test_wrong_net_type_and_fused_size():
         HierarchicalOptimizer([torch.zeros(2, requires_grad=True)], net=nn.Linear(2, 2))
     with pytest.raises(ValueError, match="fused=True"):
         HierarchicalOptimizer([torch.zeros(2, requires_grad=True)], net=make_net(hidden=6), fused=True)
+    with pytest.raises(ValueError, match="attention"):
+        HierarchicalOptimizer([torch.zeros(2, requires_grad=True)], net=make_net(attention=True))
     # other sizes run the reference
     p = torch.zeros(4, requires_grad=True)
     opt = HierarchicalOptimizer([p], net=make_net(hidden=6, scales=3), lr=1e-2)
