@@ -36,8 +36,8 @@ never touched again). All implementations step the *same* parameter tensors one 
 * ``hier-fused`` / ``hier-fused-bf16``: ``learnedopt.HierarchicalOptimizer(params, lr=1e-3,
   net=HierarchicalNet(), state_dtype=float32 / bfloat16).step()`` (untrained weights, seed
   ``--seed``): one ``torch.ops.learnedopt.hier_step_`` over the list plus the tensor and global RNNs;
-* ``hier-ref``: the same optimizer with ``fused=False`` (the pure-PyTorch reference, one tensor at a
-  time; n/a above ``--max-ref-size``). Its agreement with the fused step is tested in
+* ``hier-ref``: the same optimizer with ``fused=False`` (the pure-PyTorch reference,
+  ``learnedopt.hierarchical.step_reference`` over the whole list; n/a above ``--max-ref-size``). Its agreement with the fused step is tested in
   tests/test_hierarchical.py, not checked here.
 
 Timing (``time_calls`` of bench_coord_lstm): untimed warm-up steps (``--warmup``; default 2, 1 for

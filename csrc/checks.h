@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -285,7 +286,9 @@ namespace learnedopt {
 // float32 weights [num_weights], one lr per parameter.
 inline void check_hier_step(const char* op, at::TensorList params, at::TensorList grads, at::TensorList states,
                             const at::Tensor& coord_bias, const at::Tensor& mean_log_lr, const at::Tensor& weights,
-                            c10::ArrayRef<double> lrs, int64_t rows, int64_t gates, int64_t num_weights) {
+                            c10::ArrayRef<double> lrs, const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf, int64_t rows, int64_t gates,
+                            int64_t num_weights) {
   const size_t T = params.size();
   TORCH_CHECK(grads.size() == T && states.size() == T && lrs.size() == T, op,
               ": params, grads, states and lrs must have one entry per parameter, got lengths ", T, ", ",
@@ -300,6 +303,13 @@ inline void check_hier_step(const char* op, at::TensorList params, at::TensorLis
   TORCH_CHECK(mean_log_lr.scalar_type() == at::kFloat, op, ": mean_log_lr must be float32, got ",
               mean_log_lr.scalar_type());
   check_device(op, "mean_log_lr", mean_log_lr, weights, "weights");
+  for (const auto& [name, t] : {std::pair<const char*, const std::optional<at::Tensor>*>{"grad_scale", &grad_scale},
+                                {"found_inf", &found_inf}}) {
+    if (t->has_value() && (*t)->defined())
+      TORCH_CHECK((*t)->numel() == 1 && (*t)->device() == weights.device(), op, ": ", name,
+                  " must be a one-element tensor on ", weights.device(), " (the parameters' device), got ",
+                  (*t)->numel(), " elements on ", (*t)->device());
+  }
   for (size_t i = 0; i < T; ++i) {
     const auto& p = params[i];
     const auto pn = indexed("params", i), gn = indexed("grads", i), sn = indexed("states", i);

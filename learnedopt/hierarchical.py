@@ -62,7 +62,8 @@ MS_EPS = 1e-12  # added to a_s² in the mean squares
 RMS_EPS = 1e-16  # inside the square roots and logs of the mean squares and of the direction's RMS
 # The original code's initial log learning rate: per coordinate U(ln 1e-6 / 2, ln 1e-2 / 2) plus one
 # per-tensor offset from the same range (so within [ln 1e-6, ln 1e-2]).
-INIT_LOG_LR_RANGE = (math.log(1e-6) / 2, math.log(1e-2) / 2)
+DEFAULT_INIT_LR_RANGE = (1e-6, 1e-2)
+INIT_LOG_LR_RANGE = tuple(math.log(v) / 2 for v in DEFAULT_INIT_LR_RANGE)
 
 
 class Rows:
@@ -398,7 +399,7 @@ def step_reference(net: HierarchicalNet, params: Sequence[Tensor], grads: Sequen
 
 def initial_state(net: HierarchicalNet, params: Sequence[Tensor], log_lr: float = 0.0,
                   generator: torch.Generator | None = None,
-                  lr_range: tuple[float, float] = (1e-6, 1e-2)) -> HierState:
+                  lr_range: tuple[float, float] = DEFAULT_INIT_LR_RANGE) -> HierState:
     """The state before the first step. Per-coordinate log learning rates are ``log_lr`` or, with a
     ``generator``, random as in the original code: per coordinate U(ln lo / 2, ln hi / 2) plus one
     per-tensor draw from the same range, (lo, hi) = ``lr_range`` (the original's (1e-6, 1e-2)).
@@ -433,7 +434,7 @@ class HierarchicalRule(nn.Module):
     random_init = True  # learnedopt.meta.start passes its generator to init_state
 
     def __init__(self, net: HierarchicalNet | None = None, init_log_lr: float = math.log(1e-3),
-                 init_lr_range: Sequence[float] = (1e-6, 1e-2), **net_kwargs):
+                 init_lr_range: Sequence[float] = DEFAULT_INIT_LR_RANGE, **net_kwargs):
         super().__init__()
         if net is not None and net_kwargs:
             raise TypeError("HierarchicalRule: pass either net or the HierarchicalNet keyword arguments, not both")
@@ -446,7 +447,7 @@ class HierarchicalRule(nn.Module):
 
     def config(self) -> dict[str, Any]:
         cfg = {**self.net.config(), "init_log_lr": self.init_log_lr}
-        if self.init_lr_range != (1e-6, 1e-2):
+        if self.init_lr_range != DEFAULT_INIT_LR_RANGE:
             cfg["init_lr_range"] = list(self.init_lr_range)
         return cfg
 

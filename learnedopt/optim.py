@@ -401,10 +401,10 @@ class HierarchicalOptimizer(Optimizer):
             stepped = sums[:, K_STEPPED] > 0
             tin = sums[:, :K_D2] / numels.clamp_min(1)[:, None]
             new_log_lr_sums = sums[:, K_LOG_LR]
+            new_t, new_g = net.advance_rnns(tin, tensor_prev, glob, stepped)
         else:
-            stepped, tin, new_log_lr_sums = self._reference_step(params, grads, states, lrs, tensor_prev, glob,
-                                                                 mean_log_lr, grad_scale, found_inf)
-        new_t, new_g = net.advance_rnns(tin, tensor_prev, glob, stepped)
+            stepped, new_t, new_g, new_log_lr_sums = self._reference_step(params, grads, states, lrs, tensor_prev,
+                                                                          glob, grad_scale, found_inf)
         new_t = new_t.detach()
         torch._foreach_copy_([s["tensor"] for s in states], list(new_t.to(states[0]["tensor"].dtype).unbind(0)))
         new_sums = torch.where(stepped, new_log_lr_sums, log_lr_sums)
@@ -412,41 +412,39 @@ class HierarchicalOptimizer(Optimizer):
         self.global_state.copy_(new_g.detach())
         return loss
 
-    def _reference_step(self, params, grads, states, lrs, tensor_prev, glob, mean_log_lr, grad_scale, found_inf):
-        """The per-coordinate part through learnedopt.hierarchical.coord_step_reference, with the same
-        inputs and outputs as the fused op."""
-        from .hierarchical import RMS_EPS, coord_step_reference, segment_mean
+    def _reference_step(self, params, grads, states, lrs, tensor_prev, glob, grad_scale, found_inf):
+        """The whole step through learnedopt.hierarchical.step_reference (the meta-training rule's step)
+        on the nonempty parameters, written back in place. Returns (stepped [T], new tensor states
+        [T, G], new global state, new per-tensor log-lr sums [T])."""
+        from .hierarchical import HierState, step_reference
 
-        net, R = self.net, self.net.rows
+        R = self.net.rows
         cdt = tensor_prev.dtype
         device = params[0].device
-        nonempty = [i for i, p in enumerate(params) if p.numel()]
         T = len(params)
+        idx = [i for i, p in enumerate(params) if p.numel()]
         stepped = torch.zeros(T, dtype=torch.bool, device=device)
-        tin = torch.zeros(T, R.H + R.features, dtype=cdt, device=device)
-        new_log_lr_sums = torch.zeros(T, dtype=cdt, device=device)
-        bias = net.coord_bias(tensor_prev, glob).to(cdt)
-        for i in nonempty:  # one tensor at a time: this is the readable path, not the fast one
-            p, st = params[i], states[i]["coord"]
-            g = grads[i].reshape(-1).to(cdt)
-            if grad_scale is not None:
-                g = g / grad_scale.to(device=device, dtype=cdt)
-            ok = torch.isfinite(g).all()
-            if found_inf is not None:
-                ok = ok & (found_inf.to(device) == 0)
-            rows = st.to(cdt)
-            out = coord_step_reference(net, torch.where(ok, g, torch.zeros_like(g)), rows,
-                                       bias[i][:, None].expand(-1, p.numel()), mean_log_lr.to(cdt))
-            new_rows = torch.where(ok, out.rows, rows)
-            rms = torch.sqrt((out.d * out.d).mean() + RMS_EPS)
-            upd = (lrs[i] / rms) * new_rows[R.u].to(st.dtype).to(cdt)
-            flat = p.reshape(-1).to(cdt)
-            p.copy_(torch.where(ok, flat - upd, flat).view_as(p).to(p.dtype))
-            st.copy_(new_rows.to(st.dtype))
-            stepped[i] = ok
-            tin[i] = torch.cat([out.h_new, out.features]).mean(1)
-            new_log_lr_sums[i] = out.rows[R.log_lr].sum()
-        return stepped, tin, new_log_lr_sums
+        new_t, new_log_lr_sums = tensor_prev.clone(), torch.zeros(T, dtype=cdt, device=device)
+        if not idx:
+            return stepped, new_t, glob, new_log_lr_sums
+        grads = [grads[i].to(cdt) for i in idx]
+        if grad_scale is not None:
+            grads = [g / grad_scale.to(device=device, dtype=cdt) for g in grads]
+        ok = torch.stack([torch.isfinite(g).all() for g in grads])
+        if found_inf is not None:
+            ok = ok & (found_inf.to(device) == 0)
+        rows = torch.cat([states[i]["coord"].to(cdt) for i in idx], 1)
+        state = HierState(rows, tensor_prev[idx], glob, rows.new_zeros(0))
+        lr = torch.tensor([lrs[i] for i in idx], dtype=cdt, device=device)
+        new_params, new = step_reference(self.net, [params[i] for i in idx], grads, state, lr, stepped=ok)
+        new_rows = new.coord.split([params[i].numel() for i in idx], 1)
+        for i, p, r in zip(idx, new_params, new_rows):
+            params[i].copy_(p)
+            states[i]["coord"].copy_(r)
+        stepped[idx] = ok
+        new_t[idx] = new.tensor
+        new_log_lr_sums[idx] = torch.stack([r[R.log_lr].sum() for r in new_rows])
+        return stepped, new_t, new.glob, new_log_lr_sums
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -215,6 +215,22 @@ def _ensemble(**kwargs) -> TaskFamily:
     return default_ensemble(**kwargs)
 
 
+def _he_normal(shape: tuple[int, ...], generator: torch.Generator, gain: float = 1.0) -> Tensor:
+    """Zeros for a bias (1-D); N(0, 2 / fan_in) · gain² for a linear weight [in, out] or a conv weight
+    [out, in, kh, kw]."""
+    if len(shape) == 1:
+        return torch.zeros(shape)
+    fan_in = shape[0] if len(shape) == 2 else shape[1] * shape[2] * shape[3]
+    return torch.randn(shape, generator=generator) * (gain * (2.0 / fan_in) ** 0.5)
+
+
+def _minibatch(data: tuple[Tensor, Tensor], batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``batch_size`` examples drawn uniformly with replacement."""
+    x, y = data
+    idx = torch.randint(0, x.shape[0], (batch_size,), generator=generator)
+    return x[idx], y[idx]
+
+
 class MNISTConvTask(Task):
     """Cross-entropy of a small convnet on real MNIST digits (the original code's MNIST convnet test
     problem, filters (3×3, 8) and (5×5, 8)): conv 3×3 → 8, ``activation``, 2×2 max-pool, conv 5×5 → 8,
@@ -235,19 +251,10 @@ class MNISTConvTask(Task):
         self.shapes = [(8, 1, 3, 3), (8,), (8, 8, 5, 5), (8,), (8 * 4 * 4, 10), (10,)]
 
     def init_params(self, generator: torch.Generator) -> list[Tensor]:
-        out = []
-        for s in self.shapes:
-            if len(s) == 1:
-                out.append(torch.zeros(s))
-            else:
-                fan_in = s[0] if len(s) == 2 else s[1] * s[2] * s[3]
-                out.append(torch.randn(s, generator=generator) * (2.0 / fan_in) ** 0.5)
-        return out
+        return [_he_normal(s, generator) for s in self.shapes]
 
     def sample_batch(self, generator: torch.Generator, split: str = "train") -> tuple[Tensor, Tensor]:
-        x, y = self.data
-        idx = torch.randint(0, x.shape[0], (self.batch_size,), generator=generator)
-        return x[idx], y[idx]
+        return _minibatch(self.data, self.batch_size, generator)
 
     def loss(self, params: Sequence[Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
         act = ACTIVATIONS[self.activation]
@@ -260,8 +267,8 @@ class MNISTConvTask(Task):
 class DigitsResNetTask(Task):
     """Cross-entropy of a small ResNet (pre-activation style, batch-norm free) on scikit-learn's real
     8×8 digits: conv 3×3 → ``width``; ``blocks`` residual blocks x + conv(relu(conv(relu(x)))) (3×3,
-    the second conv of each block scaled by 0 at init... no: He-normal × 0.1, so every block starts
-    near the identity); global average pool; linear → 10. Batches of ``batch_size`` from ``split``."""
+    He-normal weights, the second conv of each block × 0.1 so that every block starts near the
+    identity); global average pool; linear → 10. Batches of ``batch_size`` from ``split``."""
 
     name = "digits-resnet"
 
@@ -277,21 +284,12 @@ class DigitsResNetTask(Task):
         self.shapes += [(w, 10), (10,)]
 
     def init_params(self, generator: torch.Generator) -> list[Tensor]:
-        out = []
-        for i, s in enumerate(self.shapes):
-            if len(s) == 1:
-                out.append(torch.zeros(s))
-                continue
-            fan_in = s[0] if len(s) == 2 else s[1] * s[2] * s[3]
-            scale = (2.0 / fan_in) ** 0.5
-            second_conv = len(s) == 4 and i >= 2 and (i - 2) % 4 == 2
-            out.append(torch.randn(s, generator=generator) * scale * (0.1 if second_conv else 1.0))
-        return out
+        # shapes: stem conv, bias, then per block (conv, bias, conv, bias), then the linear read-out
+        second_conv = {2 + 4 * b + 2 for b in range(self.blocks)}
+        return [_he_normal(s, generator, 0.1 if i in second_conv else 1.0) for i, s in enumerate(self.shapes)]
 
     def sample_batch(self, generator: torch.Generator, split: str = "train") -> tuple[Tensor, Tensor]:
-        x, y = self.data
-        idx = torch.randint(0, x.shape[0], (self.batch_size,), generator=generator)
-        return x[idx], y[idx]
+        return _minibatch(self.data, self.batch_size, generator)
 
     def loss(self, params: Sequence[Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch

@@ -232,17 +232,11 @@ Tensor hier_step_cpu(TensorList params, TensorList grads, TensorList states, con
                      const Tensor& mean_log_lr, const Tensor& weights, c10::ArrayRef<double> lrs,
                      const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
   const char* op = "learnedopt::hier_step_";
-  check_hier_step(op, params, grads, states, coord_bias, mean_log_lr, weights, lrs, ROWS, G4, NUM_WEIGHTS);
+  check_hier_step(op, params, grads, states, coord_bias, mean_log_lr, weights, lrs, grad_scale, found_inf, ROWS, G4,
+                  NUM_WEIGHTS);
   at::AutoDispatchBelowADInplaceOrView guard;
   const int64_t T = int64_t(params.size());
   Tensor sums = at::zeros({T, K}, weights.options());
-  for (const char* name : {"grad_scale", "found_inf"}) {
-    const auto& t = std::string(name) == "grad_scale" ? grad_scale : found_inf;
-    if (t.has_value() && t->defined())
-      TORCH_CHECK(t->device().is_cpu() && t->numel() == 1, op, ": ", name,
-                  " must be a one-element tensor on the CPU (the parameters' device), got ", t->numel(),
-                  " elements on ", t->device());
-  }
   if (found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0.0) return sums;
   double inv_scale = 1.0;
   if (grad_scale.has_value() && grad_scale->defined()) inv_scale = 1.0 / grad_scale->item<double>();

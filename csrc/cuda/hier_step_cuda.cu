@@ -376,13 +376,10 @@ void step_group(const char* op, const std::vector<int64_t>& idx, TensorList para
     if (!P[j].is_same(params[idx[j]])) params[idx[j]].copy_(P[j]);
 }
 
-// A 0-dim/one-element device scalar as float64 (a no-op for float64, a device op otherwise; never a
-// host read). Null when absent.
-const double* device_scalar(const char* op, const char* name, const std::optional<Tensor>& t, const Tensor& like,
-                            std::vector<Tensor>& keep) {
+// A one-element device scalar (checked by check_hier_step) as float64 (a no-op for float64, a device
+// op otherwise; never a host read). Null when absent.
+const double* device_scalar(const std::optional<Tensor>& t, std::vector<Tensor>& keep) {
   if (!t.has_value() || !t->defined()) return nullptr;
-  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must hold one value, got shape ", t->sizes());
-  TORCH_CHECK(t->device() == like.device(), op, ": ", name, " must be on ", like.device(), ", got ", t->device());
   keep.push_back(t->to(at::kDouble).contiguous());
   return keep.back().const_data_ptr<double>();
 }
@@ -391,7 +388,8 @@ Tensor hier_step_cuda(TensorList params, TensorList grads, TensorList states, co
                       const Tensor& mean_log_lr, const Tensor& weights, c10::ArrayRef<double> lrs,
                       const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
   const char* op = "learnedopt::hier_step_";
-  check_hier_step(op, params, grads, states, coord_bias, mean_log_lr, weights, lrs, ROWS, G4, NUM_WEIGHTS);
+  check_hier_step(op, params, grads, states, coord_bias, mean_log_lr, weights, lrs, grad_scale, found_inf, ROWS, G4,
+                  NUM_WEIGHTS);
   at::AutoDispatchBelowADInplaceOrView guard;
   const int64_t T = int64_t(params.size());
   TORCH_CHECK(weights.is_cuda(), op, ": weights must be a CUDA tensor, got one on ", weights.device());
@@ -412,8 +410,8 @@ Tensor hier_step_cuda(TensorList params, TensorList grads, TensorList states, co
   const Tensor flags = at::zeros({T}, weights.options().dtype(at::kInt));
   const Tensor scale = at::empty({T}, weights.options().dtype(at::kDouble));
   StepArgs args{};
-  args.grad_scale = device_scalar(op, "grad_scale", grad_scale, weights, keep);
-  args.found_inf = device_scalar(op, "found_inf", found_inf, weights, keep);
+  args.grad_scale = device_scalar(grad_scale, keep);
+  args.found_inf = device_scalar(found_inf, keep);
   args.mean_log_lr = mean_log_lr.const_data_ptr<float>();
   args.weights = w.const_data_ptr<float>();
   args.coord_bias = cb.const_data_ptr<float>();
