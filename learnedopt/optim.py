@@ -15,6 +15,18 @@ from .nets import CoordinateLSTMNet
 __all__ = ["L2LOptimizer", "HierarchicalOptimizer"]
 
 
+def _check_gradients(name: str, params: list[Tensor]) -> None:
+    """The gradients a learned optimizer cannot take, refused before anything changes."""
+    for p in params:
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{name} does not support sparse gradients")
+        if p.is_complex() or p.grad.is_complex():
+            raise RuntimeError(f"{name} does not support complex parameters or gradients")
+        if p.device.type == "meta":
+            raise RuntimeError(f"{name}.step: a parameter is on the meta device (it has no values yet); "
+                               "materialise the model first, e.g. with module.to_empty(device=...)")
+
+
 def _state_dtype(p: Tensor) -> torch.dtype:
     """LSTM state and compute dtype of a parameter: float64 for float64, float32 otherwise."""
     return torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -121,15 +133,17 @@ class L2LOptimizer(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        # Every parameter is checked before any state is created: a refused step leaves the
+        # optimizer as it was (no state on a device it cannot step on).
+        stepped = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        _check_gradients("L2LOptimizer", stepped)
+        for p in stepped:
+            ops._require(p.device, "L2LOptimizer.step")
         for group in self.param_groups:
             by_device: dict[torch.device, tuple[list, list, list]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("L2LOptimizer does not support sparse gradients")
-                if p.is_complex() or p.grad.is_complex():
-                    raise RuntimeError("L2LOptimizer does not support complex parameters or gradients")
                 state = self.state[p]
                 if "lstm" not in state:
                     state["lstm"] = self._init_state(p)
@@ -138,7 +152,6 @@ class L2LOptimizer(Optimizer):
                 grads.append(p.grad)
                 states.append(state["lstm"])
             for device, (params, grads, states) in by_device.items():
-                ops._require(device, "L2LOptimizer.step")
                 w_ih, w_hh, b, w_out, b_out = self._weights(device)
                 torch.ops.learnedopt.l2l_step_(
                     params, grads, states, w_ih, w_hh, b, w_out, b_out,
@@ -353,33 +366,34 @@ class HierarchicalOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params, grads, states, lrs = [], [], [], []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("HierarchicalOptimizer does not support sparse gradients")
-                if p.is_complex() or p.grad.is_complex():
-                    raise RuntimeError("HierarchicalOptimizer does not support complex parameters or gradients")
-                state = self.state[p]
-                if "coord" not in state:
-                    self._init_state(p, state)
-                params.append(p)
-                grads.append(p.grad)
-                states.append(state)
-                lrs.append(float(group["lr"]))
+        # Every parameter is checked before any state is created: a refused step leaves the
+        # optimizer as it was.
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not params:
             return loss
+        _check_gradients("HierarchicalOptimizer", params)
         device = params[0].device
         for p in params:
             if p.device != device:
                 raise RuntimeError(f"HierarchicalOptimizer: every parameter must be on one device (its global RNN "
                                    f"couples them all), got {device} and {p.device}")
-        cdt = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
+        if self.global_state.device.type == "meta":  # built on a model that was on the meta device
+            self.global_state = self._initial_global_state()
         if self.global_state.device != device:
             raise RuntimeError(f"HierarchicalOptimizer: the parameters are on {device}, its global state on "
                                f"{self.global_state.device}")
+        grads, states, lrs = [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "coord" not in state:
+                    self._init_state(p, state)
+                grads.append(p.grad)
+                states.append(state)
+                lrs.append(float(group["lr"]))
+        cdt = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
         glob = self.global_state.to(cdt)
         tensor_prev = torch.stack([s["tensor"].to(cdt) for s in states])
         numels = torch.tensor([p.numel() for p in params], dtype=cdt, device=device)

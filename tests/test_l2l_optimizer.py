@@ -1,5 +1,6 @@
-"""learnedopt.L2LOptimizer: the fused step against its pure-PyTorch reference, and the
-torch.optim.Optimizer contract in the spirit of PyTorch's TestOptimRenewed (test/test_optim.py).
+"""learnedopt.L2LOptimizer: the fused step against its pure-PyTorch reference, and the parts of the
+torch.optim.Optimizer contract that are specific to it (the generic TestOptimRenewed-style tests run
+for every optimizer in test_optim_compat.py).
 
 Where a generic TestOptimRenewed test does not apply to a learned optimizer (a zero gradient need
 not give a zero update) the test here states the behaviour that does hold instead.
@@ -306,19 +307,6 @@ def test_net_of_wrong_type_raises_type_error(net):
         L2LOptimizer([torch.zeros(3, requires_grad=True)], net=net)
 
 
-def test_generic_construction_errors():
-    # get_error_inputs_for_all_optims: raw tensor, empty list, a parameter in two groups.
-    p = torch.zeros(3, requires_grad=True)
-    with pytest.raises(TypeError, match="iterable of Tensors"):
-        L2LOptimizer(p)
-    with pytest.raises(ValueError, match="empty parameter list"):
-        L2LOptimizer([])
-    with pytest.raises(ValueError, match="more than one parameter group"):
-        L2LOptimizer([{"params": [p]}, {"params": [p]}])
-    with pytest.warns(UserWarning, match="duplicate parameters"):
-        L2LOptimizer([p, p])
-
-
 def test_default_net_and_repr():
     opt = L2LOptimizer([torch.zeros(3, requires_grad=True)])
     assert isinstance(opt.net, CoordinateLSTMNet) and opt.net.layers == (20, 20)
@@ -376,17 +364,6 @@ def test_state_dict_round_trip_is_bitwise(fresh_layers):
     assert_tree_equal(sd1["net"], sd2["net"])
 
 
-def test_state_dict_is_weights_only_loadable_and_equal():
-    # test_save_load_equality_with_weights_only
-    model, x, y = make_mlp("cpu")
-    opt = L2LOptimizer(model.parameters(), net=make_net())
-    backward(model, x, y)
-    opt.step()
-    sd = opt.state_dict()
-    loaded = _save_load(sd)
-    assert_tree_equal(loaded, sd)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_load_state_dict_keeps_lstm_state_dtype(dtype):
     # torch.optim casts floating state to the parameter's dtype on load; the LSTM state must stay
@@ -431,25 +408,6 @@ def test_load_state_dict_with_named_parameters():
     opt2.step()
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
-
-
-def test_load_state_dict_keeps_non_parameter_state_entries():
-    # torch.optim.Optimizer.load_state_dict: "State that is not assigned to params is copied as is
-    # (needed for backward compatibility)". TestOptimRenewed's hook tests put such entries
-    # (optimizer.state["test"] = 1, optimizer.state["ran_load_state_dict_post_hook"] = True) into
-    # the state, and a state_dict holding them must load.
-    p = torch.randn(5, requires_grad=True)
-    opt = L2LOptimizer([p], net=make_net())
-    p.grad = torch.randn(5)
-    opt.step()
-    opt.state["test"] = 1
-    sd = opt.state_dict()
-    assert sd["state"]["test"] == 1
-    q = p.detach().clone().requires_grad_()
-    opt2 = L2LOptimizer([q], net=make_net())
-    opt2.load_state_dict(sd)
-    assert opt2.state["test"] == 1
-    assert torch.equal(opt2.state[q]["lstm"], opt.state[p]["lstm"])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -503,7 +461,7 @@ def test_deepcopy_steps_identically():
 
 
 # --------------------------------------------------------------------------------------------
-# hooks
+# hooks (the generic hook tests run for every optimizer in test_optim_compat.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -512,114 +470,6 @@ def _opt_with_grad(seed=0):
     p = torch.randn(6, requires_grad=True)
     p.grad = torch.randn(6)
     return p, L2LOptimizer([p], net=make_net())
-
-
-def test_step_pre_and_post_hooks():
-    p, opt = _opt_with_grad()
-    log = []
-    pre = opt.register_step_pre_hook(lambda o, args, kwargs: log.append(("pre", o is opt, p.detach().clone())))
-    post = opt.register_step_post_hook(lambda o, args, kwargs: log.append(("post", o is opt, p.detach().clone())))
-    opt.step()
-    opt.step()
-    assert [(k, same) for k, same, _ in log] == [("pre", True), ("post", True)] * 2
-    assert not torch.equal(log[0][2], log[1][2])  # the pre-hook ran before the update, the post-hook after
-    assert torch.equal(log[1][2], log[2][2])
-    pre.remove()
-    post.remove()
-    opt.step()
-    assert len(log) == 4
-
-
-def test_step_all_hooks_order():
-    # test_step_all_hooks: global pre, local pre, local post, global post.
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-    p, opt = _opt_with_grad()
-    log = []
-    handles = [
-        register_optimizer_step_pre_hook(lambda o, a, k: log.append("global_pre")),
-        register_optimizer_step_post_hook(lambda o, a, k: log.append("global_post")),
-        opt.register_step_pre_hook(lambda o, a, k: log.append("local_pre")),
-        opt.register_step_post_hook(lambda o, a, k: log.append("local_post")),
-    ]
-    try:
-        opt.step()
-    finally:
-        for h in handles:
-            h.remove()
-    assert log == ["global_pre", "local_pre", "local_post", "global_post"]
-
-
-def test_state_dict_pre_and_post_hooks():
-    # test_state_dict_pre_hook / _post_hook / _pre_post_hook
-    p, opt = _opt_with_grad()
-    opt.step()
-
-    def pre(o):
-        o.state["test"] = 1
-
-    seen = {}
-
-    def post(o, sd):
-        seen["keys"] = set(sd)
-        ran = "test" in sd["state"]
-        sd["state"].pop("test", None)
-        sd["ran_state_dict_pre_hook"] = ran
-        return sd
-
-    h = opt.register_state_dict_pre_hook(pre)
-    assert opt.state_dict()["state"]["test"] == 1
-    opt.register_state_dict_post_hook(post)
-    sd = opt.state_dict()
-    assert "test" not in sd["state"] and sd["ran_state_dict_pre_hook"] is True
-    h.remove()
-    del opt.state["test"]
-    # The post-hook gets the complete state_dict, the network included (what state_dict() returns
-    # is what the hook produced).
-    assert "net" in seen["keys"]
-
-
-def test_state_dict_post_hook_result_is_returned():
-    # A post-hook may strip an entry (e.g. to save a checkpoint without the network); state_dict()
-    # returns what the hook returned.
-    p, opt = _opt_with_grad()
-    opt.step()
-
-    def strip_net(o, sd):
-        sd.pop("net", None)
-        return sd
-
-    opt.register_state_dict_post_hook(strip_net)
-    assert "net" not in opt.state_dict()
-
-
-def test_load_state_dict_pre_hooks_modify_and_replace():
-    # test_load_state_dict_pre_hook_and_prepend: an in-place change is used; a returned dict is used;
-    # prepend=True runs first.
-    p, opt = _opt_with_grad()
-    opt.step()
-    sd = opt.state_dict()
-    order = []
-
-    def hook1(o, sd):
-        order.append(1)
-        sd["param_groups"][0]["lr"] = 0.002
-
-    def hook2(o, sd):
-        order.append(2)
-        my = copy.deepcopy(sd)
-        my["param_groups"][0]["lr"] = 0.003
-        return my
-
-    opt.register_load_state_dict_pre_hook(hook1)
-    opt.load_state_dict(sd)
-    assert opt.param_groups[0]["lr"] == 0.002
-    opt.register_load_state_dict_pre_hook(hook2, prepend=True)
-    order.clear()
-    opt.load_state_dict(sd)
-    assert order == [2, 1]
-    assert opt.param_groups[0]["lr"] == 0.002  # hook1 ran last, on hook2's dict
-    assert "lstm" in opt.state[p]
 
 
 def test_load_state_dict_pre_hook_sees_and_edits_the_whole_state_dict():
@@ -646,25 +496,6 @@ def test_load_state_dict_pre_hook_sees_and_edits_the_whole_state_dict():
     assert seen == {"net": True, "lstm": True}
     assert torch.count_nonzero(opt2.state[q]["lstm"]) == 0
     assert opt2.net.output_scale == 0.25
-
-
-def test_load_state_dict_post_hook_sees_loaded_state():
-    # test_load_state_dict_post_hook: the post-hook runs once the optimizer is fully loaded.
-    p, opt = _opt_with_grad()
-    opt.step()
-    sd = opt.state_dict()
-    q = p.detach().clone().requires_grad_()
-    opt2 = L2LOptimizer([q], net=make_net(seed=4))
-    seen = {}
-
-    def post(o):
-        seen["ran"] = True
-        seen["lstm"] = o.state[q].get("lstm")
-
-    opt2.register_load_state_dict_post_hook(post)
-    opt2.load_state_dict(sd)
-    assert seen["ran"]
-    assert seen["lstm"] is not None and torch.equal(seen["lstm"], opt.state[p]["lstm"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,10 +69,11 @@ def info(name: str) -> dict:
 
 
 def load(name: str) -> nn.Module:
-    """The pretrained update rule ``name`` (a :mod:`learnedopt.meta` rule module, on CPU)."""
+    """The pretrained update rule ``name`` (a :mod:`learnedopt.meta` rule module, on CPU, in float32
+    — the weights' own dtype — whatever ``torch.get_default_dtype()`` is)."""
     from ..meta import load_rule
 
-    return load_rule(path(name))
+    return load_rule(path(name)).float()
 
 
 def load_net(name: str):
