@@ -260,6 +260,9 @@ inline std::vector<CellDims> check_l2l_step(const char* op, at::TensorList param
     check_device(op, pn, p, ref, "w_out");
     TORCH_CHECK(at::isFloatingType(p.scalar_type()), op, ": ", pn, " must be a floating-point tensor, got ",
                 p.scalar_type());
+    const auto pdt = p.scalar_type();
+    TORCH_CHECK(pdt == at::kFloat || pdt == at::kDouble || pdt == at::kHalf || pdt == at::kBFloat16, op, ": ", pn,
+                " must be float32, float64, float16 or bfloat16, got ", pdt);
     check_defined(op, gn, grads[i]);
     TORCH_CHECK(grads[i].sizes() == p.sizes(), op, ": ", gn, " must have the shape of ", pn, " ", shape_str(p),
                 ", got ", shape_str(grads[i]));

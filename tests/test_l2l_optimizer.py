@@ -168,9 +168,17 @@ def test_fused_matches_reference_100_steps(device, weight_decay, layers, preproc
         grads = [p.grad.clone() for p in params]
         opt.step()
         twin.step(grads, lr, weight_decay)  # the same gradients
-    for p, q in zip(params, twin.params):
-        torch.testing.assert_close(p.detach(), q, **tol_for(p.dtype))
-    assert_matches(lstm_states(opt, params), twin.states)
+        for p, q in zip(params, twin.params):
+            torch.testing.assert_close(p.detach(), q, **tol_for(p.dtype))
+        assert_matches(lstm_states(opt, params), twin.states)
+        # As TestOptimRenewed's TensorTracker: the reference continues from the fused values, so
+        # rounding differences do not compound. With weight decay they would: g' = g + wd * theta
+        # feeds a parameter's difference back through the log preprocessing, whose slope
+        # 1 / (p |g'|) reaches ~2e3 near |g'| = e^-p, and the twins drift apart by ~1e-4 over 100
+        # steps depending on the reference's float rounding (it did with OMP_NUM_THREADS=1).
+        for p, q, s, t in zip(params, twin.params, lstm_states(opt, params), twin.states):
+            q.copy_(p.detach())
+            t.copy_(s)
     # State layout: [numel, 2 * sum(hidden)], float64 for the float64 parameter, float32 otherwise.
     for p in params:
         s = opt.state[p]["lstm"]

@@ -133,6 +133,10 @@ BAD = [
     ("int param", lambda a: dict(params=[a["params"][0].long()] + a["params"][1:],
                                  grads=[a["grads"][0].long()] + a["grads"][1:]),
      r"params\[0\] must be a floating-point tensor, got Long"),
+    # float8 is a floating type the kernels have no path for: refused, not silently left unstepped.
+    ("float8 param", lambda a: dict(params=[a["params"][0].to(torch.float8_e4m3fn)] + a["params"][1:],
+                                    grads=[a["grads"][0].to(torch.float8_e4m3fn)] + a["grads"][1:]),
+     r"params\[0\] must be float32, float64, float16 or bfloat16, got Float8_e4m3fn"),
     ("w_ih input", lambda a: dict(w_ih=[a["w_ih"][0][:, :1]]), r"w_ih\[0\] must have shape \[4\*H, I\] = \[16, 2\]"),
     ("w_out", lambda a: dict(w_out=a["w_out"][:, :2]), r"w_out must have shape \[1, H_top\]"),
     ("p", lambda a: dict(p=0.0), r"p must be > 0"),

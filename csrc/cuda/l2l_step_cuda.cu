@@ -68,8 +68,8 @@ struct StepScalars {
   acc_t p;              // log/sign preprocessing parameter
   acc_t exp_p;          // e^p
   bool log_sign;
-  const float* grad_scale;  // device scalar or null
-  const float* found_inf;   // device scalar or null
+  const double* grad_scale;  // float64 device scalar or null (1 / grad_scale is taken in double, as the CPU op)
+  const double* found_inf;   // float64 device scalar or null (nonzero skips the step, as the CPU op's item<double>())
 };
 
 template <typename scalar_t, typename acc_t>
@@ -93,7 +93,8 @@ __device__ __forceinline__ int tensor_of_block(const C& ch, int64_t blk) {
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t inverse_scale(const StepScalars<acc_t>& sc) {
-  return sc.grad_scale ? acc_t(1) / static_cast<acc_t>(*sc.grad_scale) : acc_t(1);
+  // 1 / grad_scale in double, rounded to acc_t: the CPU op's acc_t(1.0 / grad_scale.item<double>())
+  return sc.grad_scale ? static_cast<acc_t>(1.0 / *sc.grad_scale) : acc_t(1);
 }
 
 template <typename acc_t>
@@ -129,7 +130,7 @@ __global__ void __launch_bounds__(kMaxThreads) l2l_step_kernel(const TensorChunk
   const int tid = threadIdx.x;
   const int t = tensor_of_block(ch, blockIdx.x);
   // Skipped tensors (and steps) leave parameter and state untouched: uniform over the block.
-  if (flags[ch.flag[t]] != 0 || (sc.found_inf != nullptr && *sc.found_inf != 0.0f)) return;
+  if (flags[ch.flag[t]] != 0 || (sc.found_inf != nullptr && *sc.found_inf != 0.0)) return;
 
   const acc_t* wts = packed;
   acc_t* st = sm;
@@ -318,13 +319,15 @@ void step_group(const char* op, const std::vector<int64_t>& idx, TensorList para
     if (!P[j].is_same(params[idx[j]])) params[idx[j]].copy_(P[j]);
 }
 
-const float* device_scalar(const char* op, const char* name, const std::optional<Tensor>& t, const Tensor& like,
+const double* device_scalar(const char* op, const char* name, const std::optional<Tensor>& t, const Tensor& like,
                            std::vector<Tensor>& keep) {
   if (!t.has_value() || !t->defined()) return nullptr;
   TORCH_CHECK(t->numel() == 1, op, ": ", name, " must hold one value, got shape ", t->sizes());
   TORCH_CHECK(t->device() == like.device(), op, ": ", name, " must be on ", like.device(), ", got ", t->device());
-  keep.push_back(t->to(at::kFloat).contiguous());  // no-op for a float32 scalar; a device op otherwise
-  return keep.back().const_data_ptr<float>();
+  // As float64 (a device op, never a host read): a float32 copy would round a float64 grad_scale (float64
+  // parameters then see a different 1 / grad_scale than on CPU) and flush a tiny nonzero found_inf to 0.
+  keep.push_back(t->to(at::kDouble).contiguous());
+  return keep.back().const_data_ptr<double>();
 }
 
 void l2l_step_cuda(TensorList params, TensorList grads, TensorList states, TensorList w_ih, TensorList w_hh,
@@ -339,8 +342,8 @@ void l2l_step_cuda(TensorList params, TensorList grads, TensorList states, Tenso
   const c10::cuda::CUDAGuard device_guard(w_out.device());
   const NetGeometry net = make_net(op, dims, log_sign);
   std::vector<Tensor> keep;
-  const float* gs = device_scalar(op, "grad_scale", grad_scale, w_out, keep);
-  const float* fi = device_scalar(op, "found_inf", found_inf, w_out, keep);
+  const double* gs = device_scalar(op, "grad_scale", grad_scale, w_out, keep);
+  const double* fi = device_scalar(op, "found_inf", found_inf, w_out, keep);
   for (const auto& group : nonempty_params_by_dtype(params)) {
     const at::ScalarType dt = group.first;
     const std::vector<int64_t>& idx = group.second;
