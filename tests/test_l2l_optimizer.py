@@ -880,7 +880,7 @@ def test_zero_gradient_behaviour(device):
 
 
 # --------------------------------------------------------------------------------------------
-# torch.compile
+# torch.compile (fullgraph and inductor: test_optim_compat.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -909,27 +909,6 @@ def test_compiled_training_step_matches_eager(backend):
         assert torch.equal(p, q)
         assert torch.equal(o1.state[p]["lstm"], o2.state[q]["lstm"])
     torch._dynamo.reset()
-
-
-def test_compiled_step_fullgraph():
-    """step() is captured in one graph (the weight cache, keyed on data pointers, is bypassed while
-    compiling)."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    p = torch.randn(10, requires_grad=True)
-    q = p.detach().clone().requires_grad_()
-    o1 = L2LOptimizer([p], net=make_net())
-    o2 = L2LOptimizer([q], net=make_net())
-    g = torch.randn(10)
-    p.grad, q.grad = g.clone(), g.clone()
-    o1.step()
-    o2.step()  # state created eagerly
-    try:
-        torch.compile(o2.step, backend="eager", fullgraph=True)()
-    finally:
-        torch._dynamo.reset()
-    o1.step()
-    assert torch.equal(p, q)
 
 
 # --------------------------------------------------------------------------------------------
@@ -964,33 +943,3 @@ def test_add_param_group_and_one_op_call_per_group_and_device():
     assert_matches(lstm_states(opt, params), twin.states)
     with pytest.raises(ValueError, match="more than one parameter group"):
         opt.add_param_group({"params": params[:1]})
-
-
-def test_inductor_compiled_training_step_matches_eager():
-    """A training step (forward, backward, optimizer.step, zero_grad) compiled with the default
-    backend (inductor) gives the parameters of the eager step."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    m = torch.nn.Linear(8, 1)
-    m2 = copy.deepcopy(m)
-    o = L2LOptimizer(m.parameters(), net=make_net(), lr=0.1)
-    o2 = L2LOptimizer(m2.parameters(), net=copy.deepcopy(o.net), lr=0.1)
-    x = torch.randn(16, 8)
-
-    def train(model, opt):
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
-
-    try:
-        compiled = torch.compile(train)
-        for _ in range(3):
-            a, b = compiled(m, o), train(m2, o2)
-            torch.testing.assert_close(a, b)
-    finally:
-        torch._dynamo.reset()
-    for p, q in zip(m.parameters(), m2.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(o.state[m.weight]["lstm"], o2.state[m2.weight]["lstm"], atol=1e-6, rtol=1e-6)

@@ -757,3 +757,66 @@ def test_load_state_dict_post_hook(info):
     opt2.load_state_dict(sd)
     assert len(seen) == 1
     assert_tree_equal(seen[0], dict(opt.state[model[0].weight]))
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("info", INFOS)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_training_step_matches_eager(info, backend):
+    # A whole training step (forward, backward, optimizer.step, zero_grad) under torch.compile gives
+    # the eager step's parameters and state (test/inductor/test_compiled_optimizers.py in spirit).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m1 = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    m2 = copy.deepcopy(m1)
+    o1, o2 = info.make(m1.parameters()), info.make(m2.parameters())
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def train_step(model, opt):
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    compiled = torch.compile(train_step, backend=backend)
+    try:
+        for _ in range(3):
+            torch.testing.assert_close(compiled(m2, o2), train_step(m1, o1), rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    # The state is compared more loosely under inductor: its compiled backward gives the first
+    # layer's weight gradients (~3e-6, sums of 16 terms of either sign) relative differences ~1e-4,
+    # which the momenta and the LSTM cell state carry (observed: <= 2.3e-4 relative after 3 steps;
+    # the fused step itself matches its reference to 1e-5 on the same gradients).
+    tol = dict(rtol=1e-3, atol=1e-5) if backend == "inductor" else dict(rtol=1e-5, atol=1e-5)
+    s1, s2 = all_state(o1), all_state(o2)
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], **tol, msg=lambda m: f"state {k}: {m}")
+
+
+@pytest.mark.parametrize("info", INFOS)
+def test_compiled_step_fullgraph(info):
+    # step() is captured in one graph once the state exists: no graph break in the optimizer.
+    torch._dynamo.reset()
+    model, opt, grads = stepped_model(info, steps=1)
+    model2 = copy.deepcopy(model)
+    opt2 = info.make(model2.parameters())
+    opt2.load_state_dict(opt.state_dict())
+    grads()
+    for p, q in zip(model.parameters(), model2.parameters()):
+        q.grad = p.grad.clone()
+    try:
+        torch.compile(opt2.step, backend="eager", fullgraph=True)()
+    finally:
+        torch._dynamo.reset()
+    opt.step()
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
