@@ -50,8 +50,10 @@ template <typename acc_t>
 void compute_tile(Tile<acc_t>& t, const Vectorized<acc_t>* w, const acc_t* bias, acc_t mean_log_lr) {
   // w: the packed weights, each broadcast to a vector (the gate FMAs then read them as memory
   // operands: no broadcast instruction per FMA)
-  using V = Vectorized<acc_t>;
+  // Two vectors at a time (VecPair, vec_math.h): 8 independent FMA chains in the LSTM cell.
+  using V = VecPair<Vectorized<acc_t>>;
   constexpr int64_t VS = V::size();
+  static_assert(TILE % VS == 0, "a tile is a whole number of vector pairs");
   V bias_v[G4];
   for (int q = 0; q < G4; ++q) bias_v[q] = V(bias[q]);
   const V mll(mean_log_lr);

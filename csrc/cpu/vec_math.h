@@ -4,6 +4,8 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <type_traits>
+
 #include "lstm_math.h"
 
 namespace learnedopt {
@@ -50,6 +52,57 @@ struct MathOps<at::vec::Vectorized<float>> : VecCommonOps<at::vec::Vectorized<fl
         x * (one + x2 * (V(-1.0f / 3) + x2 * (V(2.0f / 15) + x2 * (V(-17.0f / 315) + x2 * V(62.0f / 2835)))));
     return V::blendv(signed_big, poly, t < V(0.25f));
   }
+};
+
+}  // namespace learnedopt
+
+namespace learnedopt {
+
+// Two SIMD vectors that act as one of twice the width: the per-coordinate maths written for one
+// vector (hier_math.h's coord_step) then runs on two independent vectors interleaved. A scalar
+// LSTM unit has only 4 accumulators (its gates), each a chain of dependent FMAs; on two vectors
+// there are 8 chains, enough to keep two FMA pipes of 4-cycle latency busy, every broadcast weight
+// load feeds two FMAs, and the activations' exp/divide chains overlap pairwise. Element for element
+// it computes exactly what one vector would.
+template <typename V>
+struct VecPair {
+  V lo, hi;
+  VecPair() = default;
+  C10_ALWAYS_INLINE VecPair(const V& a, const V& b) : lo(a), hi(b) {}
+  C10_ALWAYS_INLINE VecPair(const V& x) : lo(x), hi(x) {}  // NOLINT: a broadcast vector (the weights)
+  template <typename S, typename = std::enable_if_t<std::is_arithmetic_v<S>>>
+  C10_ALWAYS_INLINE VecPair(S s) : lo(typename V::value_type(s)), hi(typename V::value_type(s)) {}  // NOLINT
+  static constexpr int64_t size() { return 2 * V::size(); }
+  static C10_ALWAYS_INLINE VecPair loadu(const typename V::value_type* p) { return {V::loadu(p), V::loadu(p + V::size())}; }
+  C10_ALWAYS_INLINE void store(typename V::value_type* p) const {
+    lo.store(p);
+    hi.store(p + V::size());
+  }
+};
+
+#define LO_PAIR_OP(op)                                                                        \
+  template <typename V>                                                                       \
+  C10_ALWAYS_INLINE VecPair<V> operator op(const VecPair<V>& a, const VecPair<V>& b) {        \
+    return {a.lo op b.lo, a.hi op b.hi};                                                      \
+  }
+LO_PAIR_OP(+)
+LO_PAIR_OP(-)
+LO_PAIR_OP(*)
+LO_PAIR_OP(/)
+#undef LO_PAIR_OP
+
+template <typename V>
+struct MathOps<VecPair<V>> {
+  using P = VecPair<V>;
+  using M = MathOps<V>;
+  static C10_ALWAYS_INLINE P exp(const P& x) { return {M::exp(x.lo), M::exp(x.hi)}; }
+  static C10_ALWAYS_INLINE P tanh(const P& x) { return {M::tanh(x.lo), M::tanh(x.hi)}; }
+  static C10_ALWAYS_INLINE P log(const P& x) { return {M::log(x.lo), M::log(x.hi)}; }
+  static C10_ALWAYS_INLINE P sqrt(const P& x) { return {M::sqrt(x.lo), M::sqrt(x.hi)}; }
+  static C10_ALWAYS_INLINE P abs(const P& x) { return {M::abs(x.lo), M::abs(x.hi)}; }
+  static C10_ALWAYS_INLINE P copysign(const P& x, const P& s) { return {M::copysign(x.lo, s.lo), M::copysign(x.hi, s.hi)}; }
+  static C10_ALWAYS_INLINE P min(const P& a, const P& b) { return {M::min(a.lo, b.lo), M::min(a.hi, b.hi)}; }
+  static C10_ALWAYS_INLINE P max(const P& a, const P& b) { return {M::max(a.lo, b.lo), M::max(a.hi, b.hi)}; }
 };
 
 }  // namespace learnedopt
