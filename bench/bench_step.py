@@ -591,8 +591,10 @@ def main(argv=None, prog: str | None = None) -> dict:
     print()
     print(format_table(rows))
     print("\n# B/elem: Adam 7*s_p (read p,g,m,v; write p,m,v); L2L 3*s_p + 2*2*sum(H)*s_s (read p,g,state; write p,"
-          "state);\n# GB/s from the median and that minimum count; x fusedAdam / x foreachAdam: time over theirs;"
-          "\n# ref/fused: reference time over fused L2L time; err: max|fused-ref|/max|ref| over updates and states;"
+          "state);\n# hierarchical 3*s_p + 63*s_s (read p,g and 31 state rows; write p and 32 rows);"
+          "\n# GB/s from the median and that minimum count; x fusedAdam / x foreachAdam: time over theirs;"
+          "\n# ref/fused: the reference's time over the fused step's (L2L, hierarchical);"
+          "\n# err: max|fused-ref|/max|ref| over updates and states (L2L rows);"
           "\n# other: CPU cores busy with other processes during the row's timed steps (the whole workload's for rows"
           "\n# timed in under 0.25 s); > 0.1: CPU timings suspect")
     for r in rows:

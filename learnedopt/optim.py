@@ -377,8 +377,11 @@ class HierarchicalOptimizer(Optimizer):
             if p.device != device:
                 raise RuntimeError(f"HierarchicalOptimizer: every parameter must be on one device (its global RNN "
                                    f"couples them all), got {device} and {p.device}")
-        if self.global_state.device.type == "meta":  # built on a model that was on the meta device
-            self.global_state = self._initial_global_state()
+        if self.global_state.device != device and not any(isinstance(k, Tensor) for k in self.state):
+            # The model moved (model.cuda()) or was materialised from the meta device after the
+            # optimizer was built and before its first step: the global state follows it.
+            self.global_state = (self._initial_global_state() if self.global_state.is_meta
+                                 else self.global_state.to(device))
         if self.global_state.device != device:
             raise RuntimeError(f"HierarchicalOptimizer: the parameters are on {device}, its global state on "
                                f"{self.global_state.device}")

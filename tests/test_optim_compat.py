@@ -431,6 +431,28 @@ def test_params_on_meta_device(info, swap):
             assert v.device.type == "cpu", k
 
 
+@pytest.mark.parametrize("info", INFOS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_moved_after_the_optimizer_was_built(info, device):
+    # The usual order is model.to(device) before the optimizer; the other order works too as long
+    # as no step was taken (as for torch.optim's lazily created state).
+    model, opt, grads = stepped_model(info, steps=0)
+    model.to(device)
+    model2 = copy.deepcopy(model)
+    opt2 = info.make(model2.parameters())
+    for _ in range(2):
+        grads()
+        for p, q in zip(model.parameters(), model2.parameters()):
+            p.grad = p.grad.to(device)
+            q.grad = p.grad.clone()
+        opt.step()
+        opt2.step()
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    for k, v in all_state(opt).items():
+        assert v.device.type == torch.device(device).type, k
+
+
 # --------------------------------------------------------------------------------------------
 # state_dict / load_state_dict
 # --------------------------------------------------------------------------------------------
