@@ -105,6 +105,15 @@ def _affine_(w: Tensor, scale: float = 0.5) -> Tensor:
         return w.normal_(0.0, scale / math.sqrt(w.shape[1]))
 
 
+def device_values(values: Sequence[float], dtype: torch.dtype, device: torch.device | str | None) -> Tensor:
+    """A 1-D tensor of Python numbers made on ``device`` by fills, not copied from the host: on CUDA a
+    copy from pageable host memory (``torch.tensor([...], device=...)``) synchronises the stream, and
+    an optimizer step has no host synchronisation."""
+    if not values:
+        return torch.zeros(0, dtype=dtype, device=device)
+    return torch.stack([torch.full((), v, dtype=dtype, device=device) for v in values])
+
+
 def segment_mean(x: Tensor, seg: Tensor, counts: Tensor) -> Tensor:
     """Mean over each segment of the columns of ``x`` [K, N] (``seg`` [N]: segment of each column,
     ``counts`` [T]): returns [T, K]. Differentiable."""
@@ -363,8 +372,8 @@ def step_reference(net: HierarchicalNet, params: Sequence[Tensor], grads: Sequen
     if rows.shape != (R.count, N):
         raise ValueError(f"step_reference: state.coord must be [{R.count}, {N}], got {list(rows.shape)}")
     dev, dt = rows.device, rows.dtype
-    counts = torch.tensor(sizes, device=dev)
-    seg = torch.repeat_interleave(torch.arange(T, device=dev), counts)
+    counts = device_values(sizes, torch.long, dev)
+    seg = torch.repeat_interleave(torch.arange(T, device=dev), counts, output_size=N)
     g = torch.cat([gr.reshape(-1) for gr in grads]).to(dt)
     if stepped is not None:
         g = torch.where(stepped[seg], g, torch.zeros((), dtype=dt, device=dev))

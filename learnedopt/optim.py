@@ -326,6 +326,7 @@ class HierarchicalOptimizer(Optimizer):
         self.fused = fused
         super().__init__(params, dict(lr=lr))
         self._weights_cache: dict[Any, tuple] = {}
+        self._numels_cache: dict[Any, Tensor] = {}
         # created here, only ever updated in place in step() (torch.compile keeps in-place updates)
         self.global_state = self._initial_global_state()
 
@@ -351,6 +352,19 @@ class HierarchicalOptimizer(Optimizer):
         if not torch.compiler.is_compiling():
             self._weights_cache[device] = (key, w)
         return w
+
+    def _numels(self, params: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The parameters' sizes as a tensor on their device, made there once (no host copy per step)."""
+        from .hierarchical import device_values
+
+        sizes = [p.numel() for p in params]
+        if torch.compiler.is_compiling():
+            return device_values(sizes, dtype, device)
+        key = (device, dtype, tuple(sizes))
+        if key not in self._numels_cache:
+            self._numels_cache.clear()
+            self._numels_cache[key] = device_values(sizes, dtype, device)
+        return self._numels_cache[key]
 
     def _init_state(self, p: Tensor, state: dict) -> None:
         dt = torch.float64 if p.dtype == torch.float64 else self.state_dtype
@@ -399,7 +413,7 @@ class HierarchicalOptimizer(Optimizer):
         cdt = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
         glob = self.global_state.to(cdt)
         tensor_prev = torch.stack([s["tensor"].to(cdt) for s in states])
-        numels = torch.tensor([p.numel() for p in params], dtype=cdt, device=device)
+        numels = self._numels(params, cdt, device)
         log_lr_sums = torch.stack([s["log_lr_sum"].to(cdt) for s in states])
         mean_log_lr = log_lr_sums.sum() / numels.sum().clamp_min(1)
         grad_scale = getattr(self, "grad_scale", None)
@@ -433,17 +447,16 @@ class HierarchicalOptimizer(Optimizer):
         """The whole step through learnedopt.hierarchical.step_reference (the meta-training rule's step)
         on the nonempty parameters, written back in place. Returns (stepped [T], new tensor states
         [T, G], new global state, new per-tensor log-lr sums [T])."""
-        from .hierarchical import HierState, step_reference
+        from .hierarchical import HierState, device_values, step_reference
 
         R = self.net.rows
         cdt = tensor_prev.dtype
         device = params[0].device
         T = len(params)
         idx = [i for i, p in enumerate(params) if p.numel()]
-        stepped = torch.zeros(T, dtype=torch.bool, device=device)
-        new_t, new_log_lr_sums = tensor_prev.clone(), torch.zeros(T, dtype=cdt, device=device)
+        no = torch.zeros((), dtype=torch.bool, device=device)
         if not idx:
-            return stepped, new_t, glob, new_log_lr_sums
+            return no.expand(T), tensor_prev, glob, torch.zeros(T, dtype=cdt, device=device)
         grads = [grads[i].to(cdt) for i in idx]
         if grad_scale is not None:
             grads = [g / grad_scale.to(device=device, dtype=cdt) for g in grads]
@@ -451,16 +464,21 @@ class HierarchicalOptimizer(Optimizer):
         if found_inf is not None:
             ok = ok & (found_inf.to(device) == 0)
         rows = torch.cat([states[i]["coord"].to(cdt) for i in idx], 1)
-        state = HierState(rows, tensor_prev[idx], glob, rows.new_zeros(0))
-        lr = torch.tensor([lrs[i] for i in idx], dtype=cdt, device=device)
+        state = HierState(rows, torch.stack([tensor_prev[i] for i in idx]), glob, rows.new_zeros(0))
+        lr = device_values([lrs[i] for i in idx], cdt, device)
         new_params, new = step_reference(self.net, [params[i] for i in idx], grads, state, lr, stepped=ok)
         new_rows = new.coord.split([params[i].numel() for i in idx], 1)
         for i, p, r in zip(idx, new_params, new_rows):
             params[i].copy_(p)
             states[i]["coord"].copy_(r)
-        stepped[idx] = ok
-        new_t[idx] = new.tensor
-        new_log_lr_sums[idx] = torch.stack([r[R.log_lr].sum() for r in new_rows])
+        # Back to all T parameters (the zero-size ones take no step), by stacking: indexing with a
+        # list of positions would copy that list to the device.
+        pos = {i: j for j, i in enumerate(idx)}
+        log_lr_sums = [r[R.log_lr].sum() for r in new_rows]
+        zero = torch.zeros((), dtype=cdt, device=device)
+        stepped = torch.stack([ok[pos[i]] if i in pos else no for i in range(T)])
+        new_t = torch.stack([new.tensor[pos[i]] if i in pos else tensor_prev[i] for i in range(T)])
+        new_log_lr_sums = torch.stack([log_lr_sums[pos[i]] if i in pos else zero for i in range(T)])
         return stepped, new_t, new.glob, new_log_lr_sums
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -540,5 +558,6 @@ class HierarchicalOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_weights_cache", {})
+        self.__dict__.setdefault("_numels_cache", {})
         for k, v in (("pretrained", None), ("global_state", None), ("state_dtype", torch.float32), ("fused", None)):
             self.__dict__.setdefault(k, v)

@@ -23,8 +23,9 @@ import pytest
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import DEVICES
+from conftest import DEVICES, requires_cuda
 from learnedopt import HierarchicalOptimizer, L2LOptimizer
 
 
@@ -451,6 +452,54 @@ def test_model_moved_after_the_optimizer_was_built(info, device):
         assert torch.equal(p, q)
     for k, v in all_state(opt).items():
         assert v.device.type == torch.device(device).type, k
+
+
+class RecordOps(TorchDispatchMode):
+    """The aten ops a piece of code dispatches, with their arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("info", INFOS)
+def test_step_copies_nothing_from_the_host(info):
+    # "No host synchronisation": on CUDA, a tensor made from Python data (torch.tensor([...]),
+    # aten.lift_fresh) is a pageable host-to-device copy, which synchronises the stream, and
+    # repeat_interleave without output_size reads its size back to the host. Checked here on the
+    # CPU through the ops a step dispatches (after the first step, which creates the state);
+    # test_step_does_not_synchronise checks the same on a GPU with torch.cuda's sync debug mode.
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model.register_parameter("empty", nn.Parameter(torch.empty(0)))  # the zero-size path too
+    opt = info.make(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    with RecordOps() as rec:
+        opt.step()
+    names = [str(f) for f, _, _ in rec.calls]
+    assert not [n for n in names if n.startswith("aten.lift_fresh")], names
+    for f, args, kwargs in rec.calls:
+        if f.overloadpacket is torch.ops.aten.repeat_interleave:
+            assert kwargs.get("output_size") is not None, (f, kwargs)
+
+
+@pytest.mark.parametrize("info", INFOS)
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=requires_cuda)])
+def test_step_does_not_synchronise(info, device):
+    model, opt, grads = stepped_model(info, device, steps=1)
+    grads()
+    torch.cuda.synchronize()
+    old = torch.cuda.get_sync_debug_mode()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
 
 
 # --------------------------------------------------------------------------------------------
