@@ -276,7 +276,8 @@ class HierarchicalOptimizer(Optimizer):
         pretrained: the name of shipped weights (``learnedopt.pretrained.available()``); default
             ``"hierarchical-ensemble"`` unless ``net`` is given.
         state_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` (half the state's bytes; compute
-            stays float32). Float64 parameters always keep float64 state.
+            stays float32). Float64 parameters always keep float64 state. ``load_state_dict`` casts a
+            checkpoint's per-coordinate state to this dtype (a bfloat16 run resumes in float32 exactly).
         fused: ``None`` (default: the fused op when it can run this network), ``True`` (require it) or
             ``False`` (the pure-PyTorch reference, :func:`learnedopt.hierarchical.step_reference`).
 
@@ -366,12 +367,19 @@ class HierarchicalOptimizer(Optimizer):
             self._numels_cache[key] = device_values(sizes, dtype, device)
         return self._numels_cache[key]
 
+    def _state_dtypes(self, p: Tensor) -> dict[str, torch.dtype]:
+        """The dtype of each state entry of parameter p: float64 for float64 parameters; otherwise
+        state_dtype for the per-coordinate rows and float32 for the rest. Used when the state is
+        created and when it is loaded (as torch.optim casts loaded state to its own policy)."""
+        if p.dtype == torch.float64:
+            return {"coord": torch.float64, "tensor": torch.float64, "log_lr_sum": torch.float64}
+        return {"coord": self.state_dtype, "tensor": torch.float32, "log_lr_sum": torch.float32}
+
     def _init_state(self, p: Tensor, state: dict) -> None:
-        dt = torch.float64 if p.dtype == torch.float64 else self.state_dtype
-        cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
-        state["coord"] = self.net.initial_coord_state(p.numel(), 0.0, dtype=dt, device=p.device)
-        state["tensor"] = self.net.tensor0.detach().to(device=p.device, dtype=cdt).clone()
-        state["log_lr_sum"] = torch.zeros((), dtype=cdt, device=p.device)
+        dts = self._state_dtypes(p)
+        state["coord"] = self.net.initial_coord_state(p.numel(), 0.0, dtype=dts["coord"], device=p.device)
+        state["tensor"] = self.net.tensor0.detach().to(device=p.device, dtype=dts["tensor"]).clone()
+        state["log_lr_sum"] = torch.zeros((), dtype=dts["log_lr_sum"], device=p.device)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -533,15 +541,10 @@ class HierarchicalOptimizer(Optimizer):
         for p, st in self.state.items():
             if not (isinstance(p, Tensor) and isinstance(st, dict)):
                 continue
+            dts = self._state_dtypes(p)
             for k, v in list(st.items()):
                 if isinstance(v, _Keep):
-                    dt = v.value.dtype
-                    if k == "coord" and p.dtype != torch.float64:
-                        dt = v.value.dtype if v.value.dtype in (torch.float32, torch.bfloat16) else torch.float32
-                    elif p.dtype == torch.float64:
-                        dt = torch.float64
-                    elif v.value.is_floating_point():
-                        dt = torch.float32
+                    dt = dts.get(k, v.value.dtype) if v.value.is_floating_point() else v.value.dtype
                     st[k] = v.value.to(device=p.device, dtype=dt, copy=True)
         glob = self.__dict__.pop("_loaded_global", None)
         self.global_state = self._initial_global_state()

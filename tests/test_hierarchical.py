@@ -453,6 +453,28 @@ def test_state_dict_round_trip_is_bitwise(state_dtype):
     assert torch.equal(opt.global_state, opt2.global_state)
 
 
+@pytest.mark.parametrize("saved,loaded", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_load_state_dict_follows_the_optimizers_state_dtype(saved, loaded):
+    # As torch.optim casts loaded state to the parameters' dtype, a checkpoint's per-coordinate state
+    # takes the loading optimizer's state_dtype (bfloat16 -> float32 is exact; float32 -> bfloat16
+    # rounds, which is what state_dtype=torch.bfloat16 asks for). Float64 parameters keep float64.
+    net = make_net()
+    ps = params_like(SHAPES[:2]) + params_like([(6,)], dtype=torch.float64)
+    opt = HierarchicalOptimizer(ps, lr=1e-2, net=net, state_dtype=saved)
+    for k in range(2):
+        _same_grads(ps, [p.clone() for p in ps], k)
+        opt.step()
+    opt2 = HierarchicalOptimizer([p.detach().clone() for p in ps], net=make_net(seed=3), state_dtype=loaded)
+    opt2.load_state_dict(_save_load(opt.state_dict()))
+    for p, q in zip(ps, opt2.param_groups[0]["params"]):
+        want = torch.float64 if p.dtype == torch.float64 else loaded
+        assert opt2.state[q]["coord"].dtype == want
+        assert torch.equal(opt2.state[q]["coord"], opt.state[p]["coord"].to(want))
+    for p in opt2.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    opt2.step()
+
+
 def test_deepcopy_steps_identically():
     net = make_net()
     ps = params_like([(8,), (3, 3)])
