@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import io
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
