@@ -218,6 +218,40 @@ def test_goes_right_direction(info, device, contiguous, sched):
 
 
 @pytest.mark.parametrize("info", INFOS)
+@pytest.mark.parametrize("sched", ["cosine", "onecycle", "lambda-warmup", "cyclic"])
+def test_lr_schedulers(info, sched):
+    # The schedulers people use drive a learned optimizer's lr too (it multiplies the whole update);
+    # OneCycleLR and CyclicLR need cycle_momentum=False, as for any optimizer without momentum.
+    from torch.optim import lr_scheduler as S
+
+    weight, bias, x = quadratic("cpu")
+    opt = info.make([weight, bias])
+    lr = opt.defaults["lr"]
+    make = {
+        "cosine": lambda o: S.CosineAnnealingLR(o, T_max=20),
+        "onecycle": lambda o: S.OneCycleLR(o, max_lr=lr, total_steps=21, cycle_momentum=False),
+        "lambda-warmup": lambda o: S.LambdaLR(o, lambda k: min(1.0, (k + 1) / 5)),
+        "cyclic": lambda o: S.CyclicLR(o, base_lr=lr / 10, max_lr=lr, step_size_up=5, cycle_momentum=False),
+    }
+    sched_ = make[sched](opt)
+    # the same schedule on plain SGD: the lrs it should go through
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sgd_sched = make[sched](sgd)
+    closure = make_closure(opt, weight, bias, x)
+    initial = closure().item()
+    lrs, expected = [], []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        expected.append(sgd.param_groups[0]["lr"])
+        opt.step(closure)
+        sched_.step()
+        sgd.step()
+        sgd_sched.step()
+    assert closure().item() < initial
+    assert lrs == pytest.approx(expected) and len(set(lrs)) > 2
+
+
+@pytest.mark.parametrize("info", INFOS)
 def test_param_group_with_lrscheduler_goes_right_direction(info):
     weight, bias, x = quadratic("cpu")
     lr = info.make([torch.zeros(1)]).defaults["lr"]
