@@ -32,7 +32,124 @@ def _state_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-class L2LOptimizer(Optimizer):
+class _Keep:
+    """A tensor hidden from torch.optim's dtype casting in load_state_dict."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Tensor):
+        self.value = value
+
+
+class _LearnedOptimizer(Optimizer):
+    """What the learned optimizers share as ``torch.optim`` optimizers: their network (``self.net``)
+    travels in the state dict and in copies, the network's weights are prepared once per device and
+    version, and loaded per-parameter state takes the optimizer's own dtype policy
+    (:meth:`_state_dtypes`) instead of torch.optim's cast to the parameter's dtype.
+
+    Subclasses implement ``_state_dtypes``, ``_save_extra`` (entries added to the state dict) and
+    ``_load_extra`` (takes them back out of a state dict being loaded), and list the attributes a
+    copy must carry in ``_COPIED`` and their per-object caches in ``_CACHES``."""
+
+    _step_supports_amp_scaling = True
+    # attributes a copy carries (and their values for objects pickled before they existed)
+    _COPIED: dict[str, Any] = {"net": None, "pretrained": None}
+    # per-object caches (dicts), empty in a copy
+    _CACHES: tuple[str, ...] = ("_weights_cache",)
+
+    def _state_dtypes(self, p: Tensor) -> dict[str, torch.dtype]:
+        raise NotImplementedError
+
+    def _save_extra(self, state_dict: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _load_extra(self, state_dict: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _after_load(self) -> None:
+        """Runs once the per-parameter state is restored (before user post-hooks)."""
+
+    # -- the network's weights, prepared per device -----------------------------------------------
+    def _net_cached(self, device: torch.device, build):
+        """build(device), cached until the network's weights change (version or storage)."""
+        if torch.compiler.is_compiling():  # the cache key (data pointers) cannot be traced
+            return build(device)
+        params = list(self.net.parameters())
+        key = (device, tuple(t._version for t in params), tuple(t.data_ptr() for t in params))
+        cached = self._weights_cache.get(device)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        value = build(device)
+        self._weights_cache[device] = (key, value)
+        return value
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict plus the network (its configuration, weights and pretrained
+        name) and whatever else the optimizer keeps; added before any user post-hook runs."""
+        handle = self.register_state_dict_post_hook(_LearnedOptimizer._add_extra, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
+
+    @staticmethod
+    def _add_extra(self: "_LearnedOptimizer", state_dict: dict[str, Any]) -> dict[str, Any]:
+        self._save_extra(state_dict)
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the per-parameter states, the groups and the network. User pre-hooks see the whole
+        state dict (and what they return is loaded); post-hooks see the optimizer fully loaded."""
+        pre = self.register_load_state_dict_pre_hook(_LearnedOptimizer._take_extra)  # runs last
+        post = self.register_load_state_dict_post_hook(_LearnedOptimizer._restore_state, prepend=True)  # first
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+
+    @staticmethod
+    def _take_extra(self: "_LearnedOptimizer", state_dict: dict[str, Any]) -> dict[str, Any]:
+        state_dict = dict(state_dict)  # the caller's dict is not modified
+        self._load_extra(state_dict)
+        self._weights_cache.clear()
+        # torch.optim casts floating state to the parameter's dtype; wrapped in a _Keep, a state
+        # tensor passes through that cast untouched and _restore_state applies the optimizer's policy.
+        state_dict["state"] = {
+            k: ({kk: (_Keep(vv) if isinstance(vv, Tensor) else vv) for kk, vv in v.items()} if isinstance(v, dict) else v)
+            for k, v in state_dict["state"].items()
+        }
+        return state_dict
+
+    @staticmethod
+    def _restore_state(self: "_LearnedOptimizer") -> None:
+        for p, st in self.state.items():
+            if not (isinstance(p, Tensor) and isinstance(st, dict)):
+                continue
+            dts = self._state_dtypes(p)
+            for k, v in list(st.items()):
+                if isinstance(v, _Keep):
+                    dt = dts.get(k, v.value.dtype) if v.value.is_floating_point() else v.value.dtype
+                    st[k] = v.value.to(device=p.device, dtype=dt, copy=True)
+        self._after_load()
+
+    # -- copies ------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for k in self._COPIED:
+            state[k] = getattr(self, k)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for k in self._CACHES:
+            self.__dict__.setdefault(k, {})
+        for k, v in self._COPIED.items():
+            self.__dict__.setdefault(k, v)
+
+
+class L2LOptimizer(_LearnedOptimizer):
     r"""The learned optimizer of Andrychowicz et al. 2016 ("Learning to learn by gradient descent by
     gradient descent"): a coordinatewise LSTM network reads each gradient coordinate (and its own
     per-coordinate hidden state) and proposes that coordinate's update.
@@ -71,8 +188,6 @@ class L2LOptimizer(Optimizer):
     ``load_state_dict`` restores the same optimizer; it loads with ``torch.load(weights_only=True)``.
     """
 
-    _step_supports_amp_scaling = True
-
     def __init__(self, params, net: CoordinateLSTMNet | None = None, lr: float = 1.0, weight_decay: float = 0.0,
                  pretrained: str | None = None):
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
@@ -96,16 +211,7 @@ class L2LOptimizer(Optimizer):
 
     # -- the network's weights on each device, detached ------------------------------------------
     def _weights(self, device: torch.device):
-        net = self.net
-        if torch.compiler.is_compiling():  # the cache key (data pointers) cannot be traced
-            return self._detached_weights(device)
-        key = (device, tuple(t._version for t in net.parameters()), tuple(t.data_ptr() for t in net.parameters()))
-        cached = self._weights_cache.get(device)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        weights = self._detached_weights(device)
-        self._weights_cache[device] = (key, weights)
-        return weights
+        return self._net_cached(device, self._detached_weights)
 
     def _detached_weights(self, device: torch.device):
         net = self.net
@@ -122,7 +228,7 @@ class L2LOptimizer(Optimizer):
 
     def _init_state(self, p: Tensor) -> Tensor:
         width = 2 * sum(self.net.layers)
-        return torch.zeros(p.numel(), width, dtype=_state_dtype(p), device=p.device)
+        return torch.zeros(p.numel(), width, dtype=self._state_dtypes(p)["lstm"], device=p.device)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -162,18 +268,11 @@ class L2LOptimizer(Optimizer):
                 )
         return loss
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict plus ``"net"``: the network's configuration and weights. The
-        entry is added before any user ``state_dict`` post-hook runs."""
-        handle = self.register_state_dict_post_hook(L2LOptimizer._add_net, prepend=True)
-        try:
-            return super().state_dict()
-        finally:
-            handle.remove()
+    # -- checkpoints (see _LearnedOptimizer) ----------------------------------------------------
+    def _state_dtypes(self, p: Tensor) -> dict[str, torch.dtype]:
+        return {"lstm": _state_dtype(p)}
 
-    @staticmethod
-    def _add_net(self: "L2LOptimizer", state_dict: dict[str, Any]) -> dict[str, Any]:
+    def _save_extra(self, state_dict: dict[str, Any]) -> None:
         net = self.net
         state_dict["net"] = {
             "pretrained": self.pretrained,
@@ -183,22 +282,8 @@ class L2LOptimizer(Optimizer):
             "output_scale": net.output_scale,
             "weights": {k: v.detach().clone() for k, v in net.state_dict().items()},
         }
-        return state_dict
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores the LSTM states, the groups and (from ``"net"``) the network. User pre-hooks
-        see the whole state dict; post-hooks see the optimizer fully loaded."""
-        pre = self.register_load_state_dict_pre_hook(L2LOptimizer._take_net_and_keep_lstm_dtype)  # runs last
-        post = self.register_load_state_dict_post_hook(L2LOptimizer._restore_lstm, prepend=True)  # runs first
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            pre.remove()
-            post.remove()
-
-    @staticmethod
-    def _take_net_and_keep_lstm_dtype(self: "L2LOptimizer", state_dict: dict[str, Any]) -> dict[str, Any]:
-        state_dict = dict(state_dict)
+    def _load_extra(self, state_dict: dict[str, Any]) -> None:
         net_sd = state_dict.pop("net", None)
         if net_sd is not None:
             cfg = (tuple(net_sd["layers"]), net_sd["preprocess"], float(net_sd["p"]), float(net_sd["output_scale"]))
@@ -206,46 +291,12 @@ class L2LOptimizer(Optimizer):
                 self.net = CoordinateLSTMNet(*cfg).to(next(self.net.parameters()).device)
             self.net.load_state_dict(net_sd["weights"])
             self.pretrained = net_sd.get("pretrained")
-            self._weights_cache.clear()
-        # torch.optim casts floating state to the parameter's dtype; the LSTM state keeps its own
-        # (float32, or float64). Wrapped in a _Keep, it passes through that cast untouched.
-        state_dict["state"] = {
-            k: ({**v, "lstm": _Keep(v["lstm"])} if isinstance(v, dict) and isinstance(v.get("lstm"), Tensor) else v)
-            for k, v in state_dict["state"].items()
-        }
-        return state_dict
-
-    @staticmethod
-    def _restore_lstm(self: "L2LOptimizer") -> None:
-        for p, st in self.state.items():
-            if isinstance(p, Tensor) and isinstance(st, dict) and isinstance(st.get("lstm"), _Keep):
-                st["lstm"] = st["lstm"].value.to(device=p.device, dtype=_state_dtype(p), copy=True)
-
-    # -- copies ------------------------------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["net"] = self.net
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("_weights_cache", {})
-        self.__dict__.setdefault("pretrained", None)
-
-
-class _Keep:
-    """A tensor hidden from torch.optim's dtype casting in load_state_dict."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Tensor):
-        self.value = value
 
 
 DEFAULT_HIERARCHICAL = "hierarchical-ensemble"
 
 
-class HierarchicalOptimizer(Optimizer):
+class HierarchicalOptimizer(_LearnedOptimizer):
     r"""The hierarchical learned optimizer of Wichrowska et al. 2017 ("Learned Optimizers that Scale and
     Generalize"): a per-coordinate LSTM, a per-tensor GRU and a global GRU (see
     :mod:`learnedopt.hierarchical` for the maths). Per coordinate it keeps momenta at 4 timescales
@@ -293,7 +344,8 @@ class HierarchicalOptimizer(Optimizer):
     are unscaled inside the op and a step with inf/NaN found is skipped entirely.
     """
 
-    _step_supports_amp_scaling = True
+    _COPIED = {"net": None, "pretrained": None, "state_dtype": torch.float32, "fused": None, "global_state": None}
+    _CACHES = ("_weights_cache", "_numels_cache")
 
     def __init__(self, params, lr: float = 1e-4, net=None, pretrained: str | None = None,
                  state_dtype: torch.dtype = torch.float32, fused: bool | None = None):
@@ -344,15 +396,7 @@ class HierarchicalOptimizer(Optimizer):
         return ops.extension_available() and (device.type == "cpu" or (device.type == "cuda" and ops.cuda_built()))
 
     def _packed(self, device: torch.device) -> Tensor:
-        net = self.net
-        key = (device, tuple(t._version for t in net.parameters()), tuple(t.data_ptr() for t in net.parameters()))
-        cached = self._weights_cache.get(device)
-        if not torch.compiler.is_compiling() and cached is not None and cached[0] == key:
-            return cached[1]
-        w = net.packed_coord_weights().to(device)
-        if not torch.compiler.is_compiling():
-            self._weights_cache[device] = (key, w)
-        return w
+        return self._net_cached(device, lambda d: self.net.packed_coord_weights().to(d))
 
     def _numels(self, params: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
         """The parameters' sizes as a tensor on their device, made there once (no host copy per step)."""
@@ -489,38 +533,15 @@ class HierarchicalOptimizer(Optimizer):
         new_log_lr_sums = torch.stack([log_lr_sums[pos[i]] if i in pos else zero for i in range(T)])
         return stepped, new_t, new.glob, new_log_lr_sums
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict plus ``"net"`` (the network's configuration and weights, and the
-        pretrained name) and ``"global_state"``."""
-        handle = self.register_state_dict_post_hook(HierarchicalOptimizer._add_net, prepend=True)
-        try:
-            return super().state_dict()
-        finally:
-            handle.remove()
-
-    @staticmethod
-    def _add_net(self: "HierarchicalOptimizer", state_dict: dict[str, Any]) -> dict[str, Any]:
+    # -- checkpoints (see _LearnedOptimizer) ----------------------------------------------------
+    def _save_extra(self, state_dict: dict[str, Any]) -> None:
         state_dict["net"] = {"pretrained": self.pretrained, "config": self.net.config(),
                              "weights": {k: v.detach().clone() for k, v in self.net.state_dict().items()}}
         state_dict["global_state"] = self.global_state.detach().clone()
-        return state_dict
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores the states, the groups, the global RNN state and (from ``"net"``) the network."""
-        pre = self.register_load_state_dict_pre_hook(HierarchicalOptimizer._take_net_and_keep_state_dtype)
-        post = self.register_load_state_dict_post_hook(HierarchicalOptimizer._restore_state, prepend=True)
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            pre.remove()
-            post.remove()
-
-    @staticmethod
-    def _take_net_and_keep_state_dtype(self: "HierarchicalOptimizer", state_dict: dict[str, Any]) -> dict[str, Any]:
+    def _load_extra(self, state_dict: dict[str, Any]) -> None:
         from .hierarchical import HierarchicalNet
 
-        state_dict = dict(state_dict)
         net_sd = state_dict.pop("net", None)
         glob = state_dict.pop("global_state", None)
         if net_sd is not None:
@@ -528,39 +549,10 @@ class HierarchicalOptimizer(Optimizer):
                 self.net = HierarchicalNet(**net_sd["config"]).to(next(self.net.parameters()).device)
             self.net.load_state_dict(net_sd["weights"])
             self.pretrained = net_sd.get("pretrained")
-            self._weights_cache.clear()
         self._loaded_global = glob
-        state_dict["state"] = {
-            k: ({kk: (_Keep(vv) if isinstance(vv, Tensor) else vv) for kk, vv in v.items()} if isinstance(v, dict) else v)
-            for k, v in state_dict["state"].items()
-        }
-        return state_dict
 
-    @staticmethod
-    def _restore_state(self: "HierarchicalOptimizer") -> None:
-        for p, st in self.state.items():
-            if not (isinstance(p, Tensor) and isinstance(st, dict)):
-                continue
-            dts = self._state_dtypes(p)
-            for k, v in list(st.items()):
-                if isinstance(v, _Keep):
-                    dt = dts.get(k, v.value.dtype) if v.value.is_floating_point() else v.value.dtype
-                    st[k] = v.value.to(device=p.device, dtype=dt, copy=True)
+    def _after_load(self) -> None:
         glob = self.__dict__.pop("_loaded_global", None)
         self.global_state = self._initial_global_state()
         if glob is not None:
             self.global_state.copy_(glob)
-
-    # -- copies ------------------------------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        for k in ("net", "pretrained", "state_dtype", "fused", "global_state"):
-            state[k] = getattr(self, k)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("_weights_cache", {})
-        self.__dict__.setdefault("_numels_cache", {})
-        for k, v in (("pretrained", None), ("global_state", None), ("state_dtype", torch.float32), ("fused", None)):
-            self.__dict__.setdefault(k, v)
