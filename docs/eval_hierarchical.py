@@ -10,6 +10,9 @@ ensemble has no convnets, no MNIST and no residual networks):
   MNIST MLP and convnet.
 
     python docs/eval_hierarchical.py --weights learnedopt/pretrained/hierarchical-ensemble.pt --out docs/eval/hierarchical
+
+``--tasks`` / ``--robustness-tasks`` choose a subset; their results replace those entries of the
+summary.json and lr-robustness.json already in ``--out`` and leave the others.
 """
 
 import argparse
@@ -110,9 +113,15 @@ def main():
         fig.tight_layout()
         fig.savefig(out / f"lr-robustness-{name}.png", dpi=110)
         plt.close(fig)
-    (out / "lr-robustness.json").write_text(json.dumps({"lrs": lrs, "steps": a.steps, "final_loss": robustness},
-                                                       indent=1))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    # Merged into what an earlier run of other --tasks / --robustness-tasks wrote to the same --out.
+    rob_file, sum_file = out / "lr-robustness.json", out / "summary.json"
+    if rob_file.exists() and robustness:
+        robustness = {**json.loads(rob_file.read_text())["final_loss"], **robustness}
+    if robustness or not rob_file.exists():
+        rob_file.write_text(json.dumps({"lrs": lrs, "steps": a.steps, "final_loss": robustness}, indent=1))
+    if sum_file.exists():
+        summary = {**json.loads(sum_file.read_text()), **summary}
+    sum_file.write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
