@@ -16,6 +16,3 @@ if [[ "${SKIP_TRAIN:-0}" != 1 ]]; then
 fi
 
 python docs/eval_hierarchical.py --weights learnedopt/pretrained/hierarchical-ensemble.pt --out docs/eval/hierarchical
-# the ResNet again with 20 runs (5 proved too few there; docs/hierarchical.md)
-python docs/eval_hierarchical.py --weights learnedopt/pretrained/hierarchical-ensemble.pt --out docs/eval/hierarchical \
-  --tasks digits-resnet --robustness-tasks --runs 20
