@@ -1,4 +1,7 @@
-"""Shared builders for the op tests: random problems, non-contiguous copies, float64 references."""
+"""Shared builders of the tests: random problems, non-contiguous copies, float64 references, state-dict
+comparisons."""
+
+import io
 
 import torch
 
@@ -66,3 +69,27 @@ def f64(ts):
 def ref_cell(*args):
     """float64 reference of coord_lstm on the (upcast) inputs."""
     return reference.coord_lstm(*f64(args))
+
+
+def assert_tree_equal(a, b):
+    """Nested dicts/lists of tensors and Python values: same keys, bitwise-equal tensors."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for k in a:
+            assert_tree_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_tree_equal(x, y)
+    else:
+        assert a == b
+
+
+def save_load(obj, weights_only=True):
+    """obj through torch.save and torch.load (weights_only by default, as a checkpoint is loaded)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=weights_only)

@@ -6,7 +6,6 @@ Where a generic optimizer test does not fit (a zero gradient need not give a zer
 momenta and the network's state move) the test states the behaviour that does hold."""
 
 import copy
-import io
 import math
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from conftest import DEVICES
+from helpers import save_load
 from learnedopt import meta
 from learnedopt.hierarchical import (INIT_LOG_LR_RANGE, HierarchicalNet, HierarchicalRule, HierState,
                                      initial_state, step_reference)
@@ -422,13 +422,6 @@ def test_wrong_net_type_and_fused_size():
     assert p.abs().sum() > 0
 
 
-def _save_load(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 def test_state_dict_round_trip_is_bitwise(state_dtype):
     net = make_net()
@@ -437,7 +430,7 @@ def test_state_dict_round_trip_is_bitwise(state_dtype):
     for k in range(3):
         _same_grads(ps, [p.clone() for p in ps], k)
         opt.step()
-    sd = _save_load(opt.state_dict())
+    sd = save_load(opt.state_dict())
     qs = [p.detach().clone() for p in ps]
     opt2 = HierarchicalOptimizer(qs, lr=5.0, net=make_net(seed=7), state_dtype=state_dtype)  # other weights
     opt2.load_state_dict(sd)
@@ -465,7 +458,7 @@ def test_load_state_dict_follows_the_optimizers_state_dtype(saved, loaded):
         _same_grads(ps, [p.clone() for p in ps], k)
         opt.step()
     opt2 = HierarchicalOptimizer([p.detach().clone() for p in ps], net=make_net(seed=3), state_dtype=loaded)
-    opt2.load_state_dict(_save_load(opt.state_dict()))
+    opt2.load_state_dict(save_load(opt.state_dict()))
     for p, q in zip(ps, opt2.param_groups[0]["params"]):
         want = torch.float64 if p.dtype == torch.float64 else loaded
         assert opt2.state[q]["coord"].dtype == want
@@ -473,50 +466,6 @@ def test_load_state_dict_follows_the_optimizers_state_dtype(saved, loaded):
     for p in opt2.param_groups[0]["params"]:
         p.grad = torch.randn_like(p)
     opt2.step()
-
-
-def test_deepcopy_steps_identically():
-    net = make_net()
-    ps = params_like([(8,), (3, 3)])
-    opt = HierarchicalOptimizer(ps, lr=1e-2, net=net)
-    _same_grads(ps, [p.clone() for p in ps], 0)
-    opt.step()
-    twin = copy.deepcopy((ps, opt))
-    qs, opt2 = twin
-    _same_grads(ps, qs, 1)
-    opt.step()
-    opt2.step()
-    for a, b in zip(ps, qs):
-        assert torch.equal(a, b)
-
-
-def test_compiled_training_step_matches_eager():
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    m1 = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-    m2 = copy.deepcopy(m1)
-    net = make_net()
-    o1 = HierarchicalOptimizer(m1.parameters(), lr=1e-2, net=net)
-    o2 = HierarchicalOptimizer(m2.parameters(), lr=1e-2, net=net)
-    x, y = torch.randn(16, 4), torch.randn(16, 1)
-
-    def train_step(model, opt):
-        loss = (model(x) - y).pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss.detach()
-
-    compiled = torch.compile(train_step, backend="aot_eager")
-    try:
-        for _ in range(3):
-            l1 = train_step(m1, o1)
-            l2 = compiled(m2, o2)
-            torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-7)
-    finally:
-        torch._dynamo.reset()
-    for p, q in zip(m1.parameters(), m2.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 def test_trains_a_small_model():
@@ -595,7 +544,7 @@ def test_default_is_the_shipped_pretrained_network():
     assert isinstance(shipped, HierarchicalRule)
     for a, b in zip(opt.net.state_dict().values(), shipped.net.state_dict().values()):
         assert torch.equal(a, b)
-    sd = _save_load(opt.state_dict())
+    sd = save_load(opt.state_dict())
     assert sd["net"]["pretrained"] == "hierarchical-ensemble"
     info = pretrained.info("hierarchical-ensemble")
     assert info["kind"] == "hierarchical" and "meta-train" in info["command"]

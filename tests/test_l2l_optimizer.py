@@ -7,7 +7,6 @@ not give a zero update) the test here states the behaviour that does hold instea
 """
 
 import copy
-import io
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DEVICES
+from helpers import assert_tree_equal, save_load
 from learnedopt import CoordinateLSTMNet, L2LOptimizer, reference
 
 # Fused CPU kernel vs the reference, same gradient stream, 100 steps (test_fused_matches_reference_100_steps).
@@ -82,22 +82,6 @@ def assert_matches(actual, expected, dtype=None):
     for a, e in zip(actual, expected, strict=True):
         assert a.dtype == e.dtype and a.shape == e.shape
         torch.testing.assert_close(a, e, **tol_for(dtype or a.dtype))
-
-
-def assert_tree_equal(a, b):
-    """Nested dicts/lists of tensors and Python values: same keys, bitwise-equal tensors."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys()
-        for k in a:
-            assert_tree_equal(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_tree_equal(x, y)
-    else:
-        assert a == b
 
 
 class MLP(nn.Module):
@@ -327,13 +311,6 @@ def test_default_net_and_repr():
 # --------------------------------------------------------------------------------------------
 
 
-def _save_load(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize("fresh_layers", [(20, 20), (5,)], ids=["same-layers", "other-layers"])
 def test_state_dict_round_trip_is_bitwise(fresh_layers):
     model, x, y = make_mlp("cpu")
@@ -342,7 +319,7 @@ def test_state_dict_round_trip_is_bitwise(fresh_layers):
     for _ in range(5):
         backward(model, x, y)
         opt.step()
-    sd = _save_load(opt.state_dict())
+    sd = save_load(opt.state_dict())
     model2 = copy.deepcopy(model)
     # A different, freshly initialised net (other weights, possibly other layers) and other hyper-parameters.
     fresh = make_net(fresh_layers, seed=99, p=5.0, output_scale=0.3)
@@ -386,7 +363,7 @@ def test_load_state_dict_keeps_lstm_state_dtype(dtype):
     assert saved.dtype == state_dtype(p)
     q = p.detach().clone().requires_grad_()
     opt2 = L2LOptimizer([q], net=make_net(seed=5))
-    opt2.load_state_dict(_save_load(opt.state_dict()))
+    opt2.load_state_dict(save_load(opt.state_dict()))
     s = opt2.state[q]["lstm"]
     assert s.dtype == state_dtype(p)
     assert torch.equal(s, saved)
@@ -408,7 +385,7 @@ def test_load_state_dict_with_named_parameters():
     assert sd["param_groups"][0]["param_names"] == [n for n, _ in model.named_parameters()]
     model2 = copy.deepcopy(model)
     opt2 = L2LOptimizer(model2.named_parameters(), net=make_net(seed=7))
-    opt2.load_state_dict(_save_load(sd))
+    opt2.load_state_dict(save_load(sd))
     assert opt2.state_dict()["param_groups"][0]["param_names"] == sd["param_groups"][0]["param_names"]
     backward(model, x, y)
     backward(model2, x, y)
@@ -441,35 +418,7 @@ def test_state_dict_loads_across_devices(device):
 
 
 # --------------------------------------------------------------------------------------------
-# deepcopy
-# --------------------------------------------------------------------------------------------
-
-
-def test_deepcopy_steps_identically():
-    model, x, y = make_mlp("cpu")
-    opt = L2LOptimizer(model.parameters(), net=make_net(), lr=0.5, weight_decay=0.01)
-    for _ in range(3):
-        backward(model, x, y)
-        opt.step()
-    opt2 = copy.deepcopy(opt)
-    # test_deepcopy_copies_all_public_attrs
-    assert {k for k in opt.__dict__ if not k.startswith("_")} == {k for k in opt2.__dict__ if not k.startswith("_")}
-    assert opt2.net is not opt.net
-    params = [p for g in opt.param_groups for p in g["params"]]
-    params2 = [p for g in opt2.param_groups for p in g["params"]]
-    for _ in range(3):
-        backward(model, x, y)
-        for p, q in zip(params, params2):
-            q.grad = p.grad.clone()
-        opt.step()
-        opt2.step()
-    for p, q in zip(params, params2):
-        assert torch.equal(p, q)
-        assert torch.equal(opt.state[p]["lstm"], opt2.state[q]["lstm"])
-
-
-# --------------------------------------------------------------------------------------------
-# hooks (the generic hook tests run for every optimizer in test_optim_compat.py)
+# hooks (these and deepcopy, generic, run for every optimizer in test_optim_compat.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -879,36 +828,7 @@ def test_zero_gradient_behaviour(device):
     torch.testing.assert_close(moved[0], moved[0][:1].expand(30), rtol=1e-6, atol=1e-6)  # same for all coordinates
 
 
-# --------------------------------------------------------------------------------------------
-# torch.compile (fullgraph and inductor: test_optim_compat.py)
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_compiled_training_step_matches_eager(backend):
-    # Dynamo graph-breaks inside step() (L2LOptimizer._weights compares data pointers, see
-    # test_compiled_step_fullgraph) and runs the op eagerly; results must still be those of eager.
-    torch._dynamo.reset()
-    m1, m2, x, y = _two_small_models()
-    o1 = L2LOptimizer(m1.parameters(), net=make_net(), lr=0.5)
-    o2 = L2LOptimizer(m2.parameters(), net=make_net(), lr=0.5)
-
-    def train_step(model, opt):
-        loss = (model(x) - y).pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss.detach()
-
-    compiled = torch.compile(train_step, backend=backend)
-    for _ in range(4):
-        l1 = train_step(m1, o1)
-        l2 = compiled(m2, o2)
-        assert torch.equal(l1, l2)
-    for p, q in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(p, q)
-        assert torch.equal(o1.state[p]["lstm"], o2.state[q]["lstm"])
-    torch._dynamo.reset()
+# (torch.compile of a training step, aot_eager and inductor, and a fullgraph step(): test_optim_compat.py)
 
 
 # --------------------------------------------------------------------------------------------

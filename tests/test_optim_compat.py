@@ -15,7 +15,6 @@ learned optimizer, the test here states the behaviour that does hold and says wh
 from __future__ import annotations
 
 import copy
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +25,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DEVICES, requires_cuda
+from helpers import assert_tree_equal, save_load
 from learnedopt import HierarchicalOptimizer, L2LOptimizer
 
 
@@ -82,27 +82,16 @@ def clone_state(opt) -> dict:
     return {k: v.clone() for k, v in all_state(opt).items()}
 
 
-def assert_tree_equal(a, b):
-    """Nested dicts/lists of tensors and Python values: same keys, bitwise-equal tensors."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys()
-        for k in a:
-            assert_tree_equal(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_tree_equal(x, y)
-    else:
-        assert a == b
-
-
-def save_load(sd, weights_only=True):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=weights_only)
+def step_both(grads, model, opt, model2, opt2, steps=1):
+    """steps of the same fresh gradients (grads() fills model's) for two copies; bitwise equal after each."""
+    for _ in range(steps):
+        grads()
+        for p, q in zip(model.parameters(), model2.parameters()):
+            q.grad = p.grad.to(q.device)
+        opt.step()
+        opt2.step()
+        for p, q in zip(model.parameters(), model2.parameters()):
+            assert torch.equal(p, q.to(p.device))
 
 
 def quadratic(device, contiguous=True, seed=0):
@@ -471,19 +460,17 @@ def test_params_on_meta_device(info, swap):
 def test_model_moved_after_the_optimizer_was_built(info, device):
     # The usual order is model.to(device) before the optimizer; the other order works too as long
     # as no step was taken (as for torch.optim's lazily created state).
-    model, opt, grads = stepped_model(info, steps=0)
+    model, opt, _ = stepped_model(info, steps=0)
     model.to(device)
     model2 = copy.deepcopy(model)
     opt2 = info.make(model2.parameters())
-    for _ in range(2):
-        grads()
-        for p, q in zip(model.parameters(), model2.parameters()):
-            p.grad = p.grad.to(device)
-            q.grad = p.grad.clone()
-        opt.step()
-        opt2.step()
-    for p, q in zip(model.parameters(), model2.parameters()):
-        assert torch.equal(p, q)
+    gen = torch.Generator().manual_seed(5)
+
+    def grads():  # on the device the model is on now
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen).to(device)
+
+    step_both(grads, model, opt, model2, opt2, steps=2)
     for k, v in all_state(opt).items():
         assert v.device.type == torch.device(device).type, k
 
@@ -553,14 +540,7 @@ def test_state_dict_deterministic(info, named):
     opt2 = info.make(model2.named_parameters() if named else model2.parameters())
     opt2.load_state_dict(sd)
     assert_tree_equal(sd, snapshot)
-    for _ in range(10):
-        grads()
-        for p, q in zip(model.parameters(), model2.parameters()):
-            q.grad = p.grad.clone()
-        opt.step()
-        opt2.step()
-        for p, q in zip(model.parameters(), model2.parameters()):
-            assert torch.equal(p, q)
+    step_both(grads, model, opt, model2, opt2, steps=10)
     sd1, sd2 = opt.state_dict(), opt2.state_dict()
     assert_tree_equal(sd1, sd2)
 
@@ -577,13 +557,7 @@ def test_can_load_from_to_named_state_dict(info):
         opt2.load_state_dict(save_load(sd))
         if named_from:
             assert opt2.state_dict()["param_groups"][0]["param_names"] == sd["param_groups"][0]["param_names"]
-        grads()
-        for p, q in zip(model.parameters(), model2.parameters()):
-            q.grad = p.grad.clone()
-        opt.step()
-        opt2.step()
-        for p, q in zip(model.parameters(), model2.parameters()):
-            assert torch.equal(p, q)
+        step_both(grads, model, opt, model2, opt2)
 
 
 @pytest.mark.parametrize("info", INFOS)
