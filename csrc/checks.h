@@ -219,6 +219,17 @@ inline std::vector<CellDims> check_stack_backward(const char* op, const at::Tens
   return dims;
 }
 
+// GradScaler's grad_scale / found_inf of a fused step: absent, or one element on the parameters' device.
+inline void check_amp_scalars(const char* op, const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf, const at::Device& device) {
+  for (const auto& [name, t] : {std::pair<const char*, const std::optional<at::Tensor>*>{"grad_scale", &grad_scale},
+                                {"found_inf", &found_inf}}) {
+    if (t->has_value() && (*t)->defined())
+      TORCH_CHECK((*t)->numel() == 1 && (*t)->device() == device, op, ": ", name, " must be a one-element tensor on ",
+                  device, " (the parameters' device), got ", (*t)->numel(), " elements on ", (*t)->device());
+  }
+}
+
 // The L2L optimizer step: parameters with their gradients and states, and the network's weights.
 // Returns the dims of each layer (N unused: 0); the state of a parameter is [numel, 2 * sum(H)].
 inline std::vector<CellDims> check_l2l_step(const char* op, at::TensorList params, at::TensorList grads,
@@ -306,13 +317,7 @@ inline void check_hier_step(const char* op, at::TensorList params, at::TensorLis
   TORCH_CHECK(mean_log_lr.scalar_type() == at::kFloat, op, ": mean_log_lr must be float32, got ",
               mean_log_lr.scalar_type());
   check_device(op, "mean_log_lr", mean_log_lr, weights, "weights");
-  for (const auto& [name, t] : {std::pair<const char*, const std::optional<at::Tensor>*>{"grad_scale", &grad_scale},
-                                {"found_inf", &found_inf}}) {
-    if (t->has_value() && (*t)->defined())
-      TORCH_CHECK((*t)->numel() == 1 && (*t)->device() == weights.device(), op, ": ", name,
-                  " must be a one-element tensor on ", weights.device(), " (the parameters' device), got ",
-                  (*t)->numel(), " elements on ", (*t)->device());
-  }
+  check_amp_scalars(op, grad_scale, found_inf, weights.device());
   for (size_t i = 0; i < T; ++i) {
     const auto& p = params[i];
     const auto pn = indexed("params", i), gn = indexed("grads", i), sn = indexed("states", i);

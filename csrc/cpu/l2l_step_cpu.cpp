@@ -147,6 +147,7 @@ void l2l_step_cpu(TensorList params, TensorList grads, TensorList states, Tensor
   const char* op = "learnedopt::l2l_step_";
   const auto dims = check_l2l_step(op, params, grads, states, w_ih, w_hh, b, w_out, b_out, log_sign);
   TORCH_CHECK(p > 0, op, ": p must be > 0, got ", p);
+  check_amp_scalars(op, grad_scale, found_inf, w_out.device());
   at::AutoDispatchBelowADInplaceOrView guard;
   if (found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0.0) return;
   double inv_scale = 1.0;

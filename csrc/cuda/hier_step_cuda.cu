@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cuda/device_scalar.cuh"
 #include "hier_math.h"
 #include "ops.h"
 
@@ -376,14 +377,6 @@ void step_group(const char* op, const std::vector<int64_t>& idx, TensorList para
     if (!P[j].is_same(params[idx[j]])) params[idx[j]].copy_(P[j]);
 }
 
-// A one-element device scalar (checked by check_hier_step) as float64 (a no-op for float64, a device
-// op otherwise; never a host read). Null when absent.
-const double* device_scalar(const std::optional<Tensor>& t, std::vector<Tensor>& keep) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  keep.push_back(t->to(at::kDouble).contiguous());
-  return keep.back().const_data_ptr<double>();
-}
-
 Tensor hier_step_cuda(TensorList params, TensorList grads, TensorList states, const Tensor& coord_bias,
                       const Tensor& mean_log_lr, const Tensor& weights, c10::ArrayRef<double> lrs,
                       const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
@@ -393,12 +386,6 @@ Tensor hier_step_cuda(TensorList params, TensorList grads, TensorList states, co
   at::AutoDispatchBelowADInplaceOrView guard;
   const int64_t T = int64_t(params.size());
   TORCH_CHECK(weights.is_cuda(), op, ": weights must be a CUDA tensor, got one on ", weights.device());
-  for (int64_t i = 0; i < T; ++i) {
-    // check_hier_step admits every floating dtype (float8 included); the kernels know these four.
-    const auto dt = params[i].scalar_type();
-    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op, ": params[", i,
-                "] must be float32, float64, float16 or bfloat16 on CUDA, got ", dt);
-  }
   const c10::cuda::CUDAGuard device_guard(T > 0 ? params[0].device() : weights.device());
   Tensor sums = at::zeros({T, K}, weights.options());
   const auto groups = nonempty_params_by_dtype(params);
@@ -410,8 +397,8 @@ Tensor hier_step_cuda(TensorList params, TensorList grads, TensorList states, co
   const Tensor flags = at::zeros({T}, weights.options().dtype(at::kInt));
   const Tensor scale = at::empty({T}, weights.options().dtype(at::kDouble));
   StepArgs args{};
-  args.grad_scale = device_scalar(grad_scale, keep);
-  args.found_inf = device_scalar(found_inf, keep);
+  args.grad_scale = device_scalar_f64(grad_scale, keep);
+  args.found_inf = device_scalar_f64(found_inf, keep);
   args.mean_log_lr = mean_log_lr.const_data_ptr<float>();
   args.weights = w.const_data_ptr<float>();
   args.coord_bias = cb.const_data_ptr<float>();

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cuda/device_scalar.cuh"
 #include "cuda/lstm_device.cuh"
 #include "lstm_math.h"
 #include "ops.h"
@@ -319,17 +320,6 @@ void step_group(const char* op, const std::vector<int64_t>& idx, TensorList para
     if (!P[j].is_same(params[idx[j]])) params[idx[j]].copy_(P[j]);
 }
 
-const double* device_scalar(const char* op, const char* name, const std::optional<Tensor>& t, const Tensor& like,
-                           std::vector<Tensor>& keep) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must hold one value, got shape ", t->sizes());
-  TORCH_CHECK(t->device() == like.device(), op, ": ", name, " must be on ", like.device(), ", got ", t->device());
-  // As float64 (a device op, never a host read): a float32 copy would round a float64 grad_scale (float64
-  // parameters then see a different 1 / grad_scale than on CPU) and flush a tiny nonzero found_inf to 0.
-  keep.push_back(t->to(at::kDouble).contiguous());
-  return keep.back().const_data_ptr<double>();
-}
-
 void l2l_step_cuda(TensorList params, TensorList grads, TensorList states, TensorList w_ih, TensorList w_hh,
                    TensorList b, const Tensor& w_out, const Tensor& b_out, double lr, double weight_decay,
                    double update_scale, double p, bool log_sign, const std::optional<Tensor>& grad_scale,
@@ -337,13 +327,14 @@ void l2l_step_cuda(TensorList params, TensorList grads, TensorList states, Tenso
   const char* op = "learnedopt::l2l_step_";
   const auto dims = check_l2l_step(op, params, grads, states, w_ih, w_hh, b, w_out, b_out, log_sign);
   TORCH_CHECK(p > 0, op, ": p must be > 0, got ", p);
+  check_amp_scalars(op, grad_scale, found_inf, w_out.device());
   at::AutoDispatchBelowADInplaceOrView guard;
   if (params.empty()) return;
   const c10::cuda::CUDAGuard device_guard(w_out.device());
   const NetGeometry net = make_net(op, dims, log_sign);
   std::vector<Tensor> keep;
-  const double* gs = device_scalar(op, "grad_scale", grad_scale, w_out, keep);
-  const double* fi = device_scalar(op, "found_inf", found_inf, w_out, keep);
+  const double* gs = device_scalar_f64(grad_scale, keep);
+  const double* fi = device_scalar_f64(found_inf, keep);
   for (const auto& group : nonempty_params_by_dtype(params)) {
     const at::ScalarType dt = group.first;
     const std::vector<int64_t>& idx = group.second;
