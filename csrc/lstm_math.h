@@ -24,6 +24,8 @@ template <>
 struct MathOps<float> {
   static C10_HOST_DEVICE C10_ALWAYS_INLINE float exp(float x) { return ::expf(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE float tanh(float x) { return ::tanhf(x); }
+  // exp(-x) overflows to inf for x < -88 (float), giving 0.
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE float sigmoid(float x) { return 1.0f / (1.0f + ::expf(-x)); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE float log(float x) { return ::logf(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE float sqrt(float x) { return ::sqrtf(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE float abs(float x) { return ::fabsf(x); }
@@ -36,6 +38,8 @@ template <>
 struct MathOps<double> {
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double exp(double x) { return ::exp(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double tanh(double x) { return ::tanh(x); }
+  // exp(-x) overflows to inf for x < -88 (float), giving 0.
+  static C10_HOST_DEVICE C10_ALWAYS_INLINE double sigmoid(double x) { return 1.0 / (1.0 + ::exp(-x)); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double log(double x) { return ::log(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double sqrt(double x) { return ::sqrt(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double abs(double x) { return ::fabs(x); }
@@ -44,10 +48,9 @@ struct MathOps<double> {
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double max(double a, double b) { return a > b ? a : b; }
 };
 
-// sigmoid(x) = 1 / (1 + exp(-x)); exp(-x) overflows to inf for x < -88 (float), giving 0.
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T lo_sigmoid(T x) {
-  return T(1) / (T(1) + MathOps<T>::exp(T(0) - x));
+  return MathOps<T>::sigmoid(x);
 }
 
 template <typename T>

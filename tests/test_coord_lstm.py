@@ -219,6 +219,35 @@ def test_saturated_gates():
     assert_close(c_new, rc, torch.float32)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gate", ["tanh", "sigmoid"])
+def test_activation_accuracy(device, gate):
+    """The float32 kernels' tanh and sigmoid (on CPU a rational tanh, and sigmoid(x) = (1 + tanh(x/2))/2,
+    csrc/cpu/vec_math.h) against float64 over [-12, 12], tiny and huge arguments, read off c_new:
+    with c = 0 and one unit, c_new = sigmoid(z_i) tanh(z_g); the other gate is held at 1 by a bias of 40."""
+    z = torch.cat([torch.linspace(-12, 12, 48001, dtype=torch.float64), torch.logspace(-30, -2, 200, dtype=torch.float64)])
+    z = torch.cat([z, -z[-200:], torch.tensor([0.0, 1e4, -1e4], dtype=torch.float64)])
+    x = z.float().unsqueeze(1).to(device)
+    row = 2 if gate == "tanh" else 0  # the gate z drives: g or i
+    w_ih = torch.zeros(4, 1, device=device)
+    w_ih[row, 0] = 1.0
+    b = torch.zeros(4, device=device)
+    b[0 if gate == "tanh" else 2] = 40.0
+    zeros = torch.zeros(len(z), 1, device=device)
+    _, c_new = learnedopt.coord_lstm(x, zeros, zeros, w_ih, torch.zeros(4, 1, device=device), b)
+    zf = z.float().double()  # the argument as the kernel sees it
+    want = torch.tanh(zf) if gate == "tanh" else torch.sigmoid(zf)
+    got = c_new[:, 0].double().cpu()  # (a NaN in err fails the max below)
+    err = (got - want).abs()
+    assert err.max() <= 4e-7, f"{gate}: max abs error {err.max():.3g} at z = {zf[err.argmax()]:.6g}"
+    if gate == "tanh":  # relative accuracy too, down to tiny arguments
+        rel = err / want.abs().clamp_min(1e-38)
+        assert rel.max() <= 5e-7, f"tanh: max rel error {rel.max():.3g} at z = {zf[rel.argmax()]:.6g}"
+    assert got.abs().max() <= 1.0 + 3e-7
+    nan = torch.full((3, 1), float("nan"), device=device)
+    assert torch.isnan(learnedopt.coord_lstm(nan, zeros[:3], zeros[:3], w_ih, torch.zeros(4, 1, device=device), b)[1]).all()
+
+
 def test_missing_extension_message(monkeypatch):
     monkeypatch.setattr(learnedopt.ops, "_C", None)
     monkeypatch.setattr(learnedopt.ops, "_IMPORT_ERROR", ImportError("simulated"))
