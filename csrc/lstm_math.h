@@ -24,7 +24,7 @@ template <>
 struct MathOps<float> {
   static C10_HOST_DEVICE C10_ALWAYS_INLINE float exp(float x) { return ::expf(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE float tanh(float x) { return ::tanhf(x); }
-  // exp(-x) overflows to inf for x < -88 (float), giving 0.
+  // exp(-x) overflows to inf for x < -88, giving 0.
   static C10_HOST_DEVICE C10_ALWAYS_INLINE float sigmoid(float x) { return 1.0f / (1.0f + ::expf(-x)); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE float log(float x) { return ::logf(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE float sqrt(float x) { return ::sqrtf(x); }
@@ -38,7 +38,7 @@ template <>
 struct MathOps<double> {
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double exp(double x) { return ::exp(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double tanh(double x) { return ::tanh(x); }
-  // exp(-x) overflows to inf for x < -88 (float), giving 0.
+  // exp(-x) overflows to inf for x < -709, giving 0.
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double sigmoid(double x) { return 1.0 / (1.0 + ::exp(-x)); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double log(double x) { return ::log(x); }
   static C10_HOST_DEVICE C10_ALWAYS_INLINE double sqrt(double x) { return ::sqrt(x); }
