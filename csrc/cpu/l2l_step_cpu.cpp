@@ -44,8 +44,6 @@ struct StepScratch {
 // Returns the tile row of the top layer's h_new (the read-out's input); S = 0 (no layers): row 0, x.
 template <typename acc_t>
 int64_t forward_block(const std::vector<Layer>& layers, StepScratch& sc, int64_t I0, int64_t B) {
-  using V = Vectorized<acc_t>;
-  constexpr int64_t VS = V::size();
   acc_t* T = sc.tile.mutable_data_ptr<acc_t>();
   acc_t* gates = sc.gates.mutable_data_ptr<acc_t>();
   acc_t* cnew = sc.cnew.mutable_data_ptr<acc_t>();
@@ -55,14 +53,7 @@ int64_t forward_block(const std::vector<Layer>& layers, StepScratch& sc, int64_t
     const Tensor z = sc.tile.narrow(0, (hrow - L.I) * B, L.K() * B).view({L.K(), B});
     addmm_into(sc.gates.narrow(0, 0, 4 * M).view({4 * H, B}), L.b.unsqueeze(1), L.w, z);
     acc_t* c = T + (hrow + H) * B;  // old c in, h_new out
-    const acc_t *zi = gates, *zf = gates + M, *zg = gates + 2 * M, *zo = gates + 3 * M;
-    for (int64_t e = 0; e < M; e += VS) {
-      const int64_t n = std::min<int64_t>(VS, M - e);
-      const auto u = lstm_unit_forward(V::loadu(zi + e, n), V::loadu(zf + e, n), V::loadu(zg + e, n),
-                                       V::loadu(zo + e, n), V::loadu(c + e, n));
-      u.c_new.store(cnew + e, n);
-      u.h_new.store(c + e, n);
-    }
+    pointwise_forward<acc_t, /*kKeepGates=*/false>(M, gates, c, cnew, /*h_new=*/c, /*tanh_c_new=*/nullptr);
     top = hrow + H;
     cnew += M;
     hrow += 2 * H;

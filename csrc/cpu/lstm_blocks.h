@@ -38,9 +38,10 @@ inline int64_t rows_per_block(int64_t max_H) {
 }
 
 // Unit-major forward of one block: M = H*B values per gate. gates [4M] = (z_i, z_f, z_g, z_o)
-// pre-activations in, activated (i, f, g, o) out. c [M] in; c_new, h_new, tanh_c_new [M] out
-// where non-null.
-template <typename scalar_t>
+// pre-activations in, activated (i, f, g, o) out (kKeepGates; else left as they were). c [M] in;
+// c_new, h_new, tanh_c_new [M] out where non-null. An output may be c itself: each element of c
+// is read before it is written.
+template <typename scalar_t, bool kKeepGates = true>
 inline void pointwise_forward(int64_t M, scalar_t* gates, const scalar_t* c, scalar_t* c_new, scalar_t* h_new,
                        scalar_t* tanh_c_new) {
   using V = Vectorized<scalar_t>;
@@ -50,10 +51,12 @@ inline void pointwise_forward(int64_t M, scalar_t* gates, const scalar_t* c, sca
     const int64_t n = std::min<int64_t>(VS, M - e);
     const auto u = lstm_unit_forward(V::loadu(zi + e, n), V::loadu(zf + e, n), V::loadu(zg + e, n),
                                      V::loadu(zo + e, n), V::loadu(c + e, n));
-    u.i.store(zi + e, n);
-    u.f.store(zf + e, n);
-    u.g.store(zg + e, n);
-    u.o.store(zo + e, n);
+    if constexpr (kKeepGates) {
+      u.i.store(zi + e, n);
+      u.f.store(zf + e, n);
+      u.g.store(zg + e, n);
+      u.o.store(zo + e, n);
+    }
     if (c_new) u.c_new.store(c_new + e, n);
     if (h_new) u.h_new.store(h_new + e, n);
     if (tanh_c_new) u.tanh_c_new.store(tanh_c_new + e, n);
