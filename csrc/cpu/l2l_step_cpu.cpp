@@ -97,7 +97,8 @@ void step_group(const std::vector<int64_t>& idx, TensorList params, TensorList g
   const Tensor w_out = w_out_.to(sdt).contiguous(), b_out = b_out_.to(sdt);
   const int64_t Htop = L ? dims[L - 1].H : I0;
   const acc_t bo = b_out.item<acc_t>();
-  const int64_t rpb = rows_per_block(L ? max_hidden(layers) : 1);
+  const int64_t maxH = max_hidden(layers);  // 1 without layers
+  const int64_t rpb = rows_per_block(maxH);
 
   // Contiguous working copies of non-contiguous parameters (copied back at the end).
   std::vector<Tensor> P, G;
@@ -131,7 +132,7 @@ void step_group(const std::vector<int64_t>& idx, TensorList params, TensorList g
   // Pass 2: the update. Scratch is allocated here, by the calling thread (see per_thread_scratch).
   std::vector<StepScratch> scratch;
   for (int t = 0; t < at::get_num_threads(); ++t)
-    scratch.push_back({at::empty({(I0 + S) * rpb}, opt), at::empty({4 * (L ? max_hidden(layers) : 1) * rpb}, opt),
+    scratch.push_back({at::empty({(I0 + S) * rpb}, opt), at::empty({4 * maxH * rpb}, opt),
                        at::empty({std::max<int64_t>(sumH, 1) * rpb}, opt), at::empty({rpb}, opt)});
   const acc_t step = acc_t(lr * update_scale), pp = acc_t(p_pre), exp_p = std::exp(acc_t(p_pre));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[idx[0]].scalar_type(), "l2l_step_update", [&] {
