@@ -6,6 +6,8 @@ ensemble has no convnets, no MNIST and no residual networks):
   digits;
 * against Adam and RMSprop with learning rates tuned on a half-decade grid (separate tuning seeds) and
   Adam at its default learning rate 1e-3, all on the same trajectories (θ₀ and minibatches);
+* the final parameters of every run also measured on held-out digits (``Task.heldout_metrics``: the
+  1,000 "valid" MNIST digits, the 1,200 other 8×8 digits): loss and accuracy;
 * and the robustness to the initial learning rate: every method at lr = 1e-6 ... 1e-1, untuned, on the
   MNIST MLP and convnet.
 

@@ -62,19 +62,40 @@ def run_optimizer(make_opt: Callable[[list[Tensor]], torch.optim.Optimizer], tas
     return [x if math.isfinite(x) else math.inf for x in losses], [p.detach() for p in params]
 
 
-def _runs(method: Callable[[Task, torch.Generator], list[float]], family: TaskFamily, steps: int, seed: int,
-          runs: int) -> list[list[float]]:
-    out = []
+def _runs(method: Callable[[Task, torch.Generator], tuple[list[float], list[Tensor]]], family: TaskFamily,
+          steps: int, seed: int, runs: int, heldout: bool = False) -> tuple[list[list[float]], list[dict[str, float]]]:
+    """The loss curves of ``runs`` trajectories and, with ``heldout``, the held-out metrics of each
+    run's final parameters (:meth:`Task.heldout_metrics`; computed after the run, so they consume no
+    random numbers and change no trajectory)."""
+    curves, metrics = [], []
     for i in range(runs):
         g = _generator(seed, i)
-        out.append(method(family.sample(g), g))
-    return out
+        task = family.sample(g)
+        curve, params = method(task, g)
+        curves.append(curve)
+        metrics.append(task.heldout_metrics(params) if heldout else {})
+    return curves, metrics
 
 
 def _method(spec: nn.Module | Callable[[list[Tensor]], torch.optim.Optimizer], steps: int):
     if isinstance(spec, nn.Module):  # a learned update rule (learnedopt.meta interface)
-        return lambda task, g: [x if math.isfinite(x) else math.inf for x in run_rule(spec, task, steps, g)[0]]
-    return lambda task, g: run_optimizer(spec, task, steps, g)[0]
+        def run(task, g):
+            losses, params = run_rule(spec, task, steps, g)
+            return [x if math.isfinite(x) else math.inf for x in losses], params
+        return run
+    return lambda task, g: run_optimizer(spec, task, steps, g)
+
+
+def _summarize_heldout(metrics: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """``{metric: {"mean", "std", "median", "values"}}`` over runs (``{}`` if the task has none)."""
+    if not metrics or not metrics[0]:
+        return {}
+    out = {}
+    for key in metrics[0]:
+        v = torch.tensor([m[key] for m in metrics], dtype=torch.float64)
+        out[key] = {"mean": float(v.mean()), "std": float(v.std()) if len(v) > 1 else 0.0,
+                    "median": float(v.median()), "values": v.tolist()}
+    return out
 
 
 def tune_lr(name: str, family: TaskFamily, steps: int, seed: int = 0, runs: int = 3,
@@ -83,7 +104,7 @@ def tune_lr(name: str, family: TaskFamily, steps: int, seed: int = 0, runs: int 
     trajectories (seeds ``(seed + 1, i)``). Returns ``(best_lr, {lr: mean final loss})``."""
     scores = {}
     for lr in grid:
-        curves = _runs(_method(lambda ps, lr=lr: BASELINES[name](ps, lr), steps), family, steps, seed + 1, runs)
+        curves, _ = _runs(_method(lambda ps, lr=lr: BASELINES[name](ps, lr), steps), family, steps, seed + 1, runs)
         finals = [c[-1] for c in curves]
         scores[lr] = sum(finals) / len(finals)
     best = min(scores, key=lambda lr: (scores[lr], lr))
@@ -98,10 +119,13 @@ def evaluate(learned: dict[str, nn.Module | Callable], family: TaskFamily, steps
     """Learned optimizers (update rules, or ``make_opt(params)`` callables) and tuned baselines on the
     same ``runs`` trajectories of ``steps`` steps. ``lrs`` fixes baseline learning rates instead of
     tuning them. Returns ``{"steps", "runs", "methods": {name: {"lr", "curve" (mean loss per step),
-    "final_mean", "final_std", "finals"}}}``."""
+    "final_mean", "final_std", "finals", "heldout"}}}``; ``"heldout"`` is ``{metric: {"mean", "std",
+    "median", "values"}}`` of the final parameters on the task's held-out data
+    (:meth:`Task.heldout_metrics`, e.g. ``"loss"`` and ``"accuracy"``), ``{}`` for tasks without."""
     methods: dict[str, dict[str, Any]] = {}
     for name, spec in learned.items():
-        methods[name] = {"lr": None, "curves": _runs(_method(spec, steps), family, steps, seed, runs)}
+        curves, metrics = _runs(_method(spec, steps), family, steps, seed, runs, heldout=True)
+        methods[name] = {"lr": None, "curves": curves, "heldout": _summarize_heldout(metrics)}
     for name in baselines:
         if name not in BASELINES:
             raise ValueError(f"evaluate: unknown baseline {name!r}; known: {sorted(BASELINES)}")
@@ -109,8 +133,9 @@ def evaluate(learned: dict[str, nn.Module | Callable], family: TaskFamily, steps
         scores = None
         if lr is None:
             lr, scores = tune_lr(name, family, steps, seed, tune_runs, grid)
-        curves = _runs(_method(lambda ps, lr=lr, name=name: BASELINES[name](ps, lr), steps), family, steps, seed, runs)
-        methods[name] = {"lr": lr, "tuning": scores, "curves": curves}
+        curves, metrics = _runs(_method(lambda ps, lr=lr, name=name: BASELINES[name](ps, lr), steps), family, steps,
+                                seed, runs, heldout=True)
+        methods[name] = {"lr": lr, "tuning": scores, "curves": curves, "heldout": _summarize_heldout(metrics)}
     for m in methods.values():
         curves = torch.tensor(m.pop("curves"), dtype=torch.float64)
         finals = curves[:, -1]
@@ -122,14 +147,21 @@ def evaluate(learned: dict[str, nn.Module | Callable], family: TaskFamily, steps
 
 
 def format_table(result: dict[str, Any], title: str = "") -> str:
-    """A Markdown table of final losses, best first."""
+    """A Markdown table of final losses, best first, with the held-out loss and accuracy of the final
+    parameters where the task has held-out data."""
     rows = sorted(result["methods"].items(), key=lambda kv: kv[1]["final_mean"])
+    keys = [k for k in ("loss", "accuracy") if all(k in m.get("heldout", {}) for _, m in rows)] if rows else []
     lines = [f"**{title}**", ""] if title else []
-    lines += [f"| method | learning rate | final loss (mean ± std over {result['runs']} runs, step {result['steps']}) |",
-              "|---|---|---|"]
+    head = f"| method | learning rate | final loss (mean ± std over {result['runs']} runs, step {result['steps']}) |"
+    head += "".join(f" held-out {k} (mean ± std; median) |" for k in keys)
+    lines += [head, "|---" * (3 + len(keys)) + "|"]
     for name, m in rows:
         lr = "learned" if m["lr"] is None else f"{m['lr']:g} (tuned)" if m.get("tuning") else f"{m['lr']:g}"
-        lines.append(f"| {name} | {lr} | {m['final_mean']:.4f} ± {m['final_std']:.4f} |")
+        line = f"| {name} | {lr} | {m['final_mean']:.4f} ± {m['final_std']:.4f} |"
+        for k in keys:
+            h = m["heldout"][k]
+            line += f" {h['mean']:.4f} ± {h['std']:.4f}; {h['median']:.4f} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 

@@ -26,6 +26,7 @@ Included (Andrychowicz et al. 2016 and its official code):
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["Task", "TaskFamily", "SimpleTask", "QuadraticTask", "QuadraticFamily", "MNISTTask", "MNISTConvTask",
-           "DigitsResNetTask", "FixedFamily",
+           "DigitsResNetTask", "FixedFamily", "classification_metrics",
            "make_family", "FAMILIES"]
 
 
@@ -58,6 +59,12 @@ class Task:
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.init_params(torch.Generator().manual_seed(0)))
+
+    def heldout_metrics(self, params: Sequence[Tensor]) -> dict[str, float]:
+        """How well ``params`` generalise: metrics on data the task is not trained on (for the
+        classification tasks ``{"loss", "accuracy"}`` on a held-out split), ``{}`` where the task has
+        no such data (synthetic problems). Never consumes a generator."""
+        return {}
 
 
 class TaskFamily:
@@ -143,7 +150,8 @@ class MNISTTask(Task):
         batch_size: minibatch size, drawn uniformly with replacement at every step (paper: 128).
         split: the digits the task is trained on: ``"train"`` for meta-training, ``"test"`` for
             evaluation (:func:`learnedopt.data.mnist`); ``sample_batch(g, "valid")`` draws from
-            ``valid_split`` (default ``"valid"``).
+            ``valid_split`` (default ``"valid"``), on which :meth:`heldout_metrics` also measures
+            the final parameters (all of its digits; ``{}`` if ``valid_split == split``).
         init_std: weights and biases ~ N(0, init_std²) (official code: 0.01).
     """
 
@@ -189,6 +197,25 @@ class MNISTTask(Task):
     def loss(self, params: Sequence[Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
         return F.cross_entropy(self.logits(params, x), y)
+
+    def heldout_metrics(self, params: Sequence[Tensor]) -> dict[str, float]:
+        if self.valid_split == self.split:
+            return {}
+        x, y = self.data["valid"]
+        with torch.no_grad():
+            return classification_metrics(self.logits(params, x), y)
+
+
+def classification_metrics(logits: Tensor, y: Tensor) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``logits`` [n, classes] for labels ``y`` [n]. A row with a
+    non-finite logit counts as a wrong prediction (argmax of NaNs is no prediction), and a non-finite
+    mean loss is reported as inf, as :mod:`learnedopt.evaluate` reports diverged runs."""
+    with torch.no_grad():
+        logits = logits.double()
+        loss = float(F.cross_entropy(logits, y))
+        finite = torch.isfinite(logits).all(1)
+        correct = (logits.argmax(1) == y) & finite
+        return {"loss": loss if math.isfinite(loss) else math.inf, "accuracy": float(correct.double().mean())}
 
 
 def make_family(name: str, **kwargs) -> TaskFamily:
@@ -236,18 +263,25 @@ class MNISTConvTask(Task):
     problem, filters (3×3, 8) and (5×5, 8)): conv 3×3 → 8, ``activation``, 2×2 max-pool, conv 5×5 → 8,
     ``activation``, 2×2 max-pool, linear → 10. He-normal weights, zero biases (the original's N(0, 0.01)
     leaves a sigmoid convnet nearly untrainable in a few hundred steps). Batches of ``batch_size``
-    drawn with replacement from ``split``."""
+    drawn with replacement from ``split``; :meth:`heldout_metrics` measures all the digits of
+    ``heldout_split`` (default: ``"valid"``, or ``"test"`` when trained on ``"valid"``)."""
 
     name = "mnist-conv"
 
-    def __init__(self, activation: str = "relu", batch_size: int = 64, split: str = "test"):
+    def __init__(self, activation: str = "relu", batch_size: int = 64, split: str = "test",
+                 heldout_split: str | None = None):
         from . import data
 
         if activation not in ACTIVATIONS:
             raise ValueError(f"MNISTConvTask: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        heldout_split = heldout_split or ("test" if split == "valid" else "valid")
+        if heldout_split == split:
+            raise ValueError(f"MNISTConvTask: heldout_split must differ from split, got {split!r} for both")
         self.activation, self.batch_size = activation, int(batch_size)
         x, y = data.mnist(split)
         self.data = (x.reshape(-1, 1, 28, 28), y)
+        xh, yh = data.mnist(heldout_split)
+        self.heldout = (xh.reshape(-1, 1, 28, 28), yh)
         self.shapes = [(8, 1, 3, 3), (8,), (8, 8, 5, 5), (8,), (8 * 4 * 4, 10), (10,)]
 
     def init_params(self, generator: torch.Generator) -> list[Tensor]:
@@ -256,19 +290,27 @@ class MNISTConvTask(Task):
     def sample_batch(self, generator: torch.Generator, split: str = "train") -> tuple[Tensor, Tensor]:
         return _minibatch(self.data, self.batch_size, generator)
 
-    def loss(self, params: Sequence[Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
+    def logits(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
         act = ACTIVATIONS[self.activation]
-        x, y = batch
         x = F.max_pool2d(act(F.conv2d(x, params[0], params[1])), 2)  # 28 -> 26 -> 13
         x = F.max_pool2d(act(F.conv2d(x, params[2], params[3])), 2)  # 13 -> 9 -> 4
-        return F.cross_entropy(torch.addmm(params[5], x.flatten(1), params[4]), y)
+        return torch.addmm(params[5], x.flatten(1), params[4])
+
+    def loss(self, params: Sequence[Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.logits(params, x), y)
+
+    def heldout_metrics(self, params: Sequence[Tensor]) -> dict[str, float]:
+        with torch.no_grad():
+            return classification_metrics(self.logits(params, self.heldout[0]), self.heldout[1])
 
 
 class DigitsResNetTask(Task):
     """Cross-entropy of a small ResNet (pre-activation style, batch-norm free) on scikit-learn's real
     8×8 digits: conv 3×3 → ``width``; ``blocks`` residual blocks x + conv(relu(conv(relu(x)))) (3×3,
     He-normal weights, the second conv of each block × 0.1 so that every block starts near the
-    identity); global average pool; linear → 10. Batches of ``batch_size`` from ``split``."""
+    identity); global average pool; linear → 10. Batches of ``batch_size`` from ``split``;
+    :meth:`heldout_metrics` measures all the digits of the other split."""
 
     name = "digits-resnet"
 
@@ -277,6 +319,7 @@ class DigitsResNetTask(Task):
 
         self.width, self.blocks, self.batch_size = int(width), int(blocks), int(batch_size)
         self.data = data.digits(split)
+        self.heldout = data.digits("train" if split == "test" else "test")
         w = self.width
         self.shapes = [(w, 1, 3, 3), (w,)]
         for _ in range(self.blocks):
@@ -291,8 +334,7 @@ class DigitsResNetTask(Task):
     def sample_batch(self, generator: torch.Generator, split: str = "train") -> tuple[Tensor, Tensor]:
         return _minibatch(self.data, self.batch_size, generator)
 
-    def loss(self, params: Sequence[Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
+    def logits(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
         x = F.conv2d(x, params[0], params[1], padding=1)
         k = 2
         for _ in range(self.blocks):
@@ -301,4 +343,12 @@ class DigitsResNetTask(Task):
             x = x + r
             k += 4
         x = F.relu(x).mean((2, 3))
-        return F.cross_entropy(torch.addmm(params[k + 1], x, params[k]), y)
+        return torch.addmm(params[k + 1], x, params[k])
+
+    def loss(self, params: Sequence[Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.logits(params, x), y)
+
+    def heldout_metrics(self, params: Sequence[Tensor]) -> dict[str, float]:
+        with torch.no_grad():
+            return classification_metrics(self.logits(params, self.heldout[0]), self.heldout[1])

@@ -26,6 +26,17 @@ def test_rules_and_baselines_see_the_same_trajectories():
     assert a["curve"] == pytest.approx(b["curve"], rel=1e-6)
     assert a["finals"] == pytest.approx(b["finals"], rel=1e-6)
     assert len(a["curve"]) == 7
+    # the held-out metrics of the final parameters: the same parameters, the same numbers
+    assert set(a["heldout"]) == {"loss", "accuracy"}
+    for k in ("loss", "accuracy"):
+        assert a["heldout"][k]["values"] == pytest.approx(b["heldout"][k]["values"], rel=1e-6)
+        assert len(a["heldout"][k]["values"]) == 2
+    g = evaluate._generator(0, 1)
+    task = fam.sample(g)
+    _, params = evaluate.run_optimizer(lambda ps: torch.optim.SGD(ps, lr=0.3), task, 6, g)
+    assert a["heldout"]["accuracy"]["values"][1] == pytest.approx(task.heldout_metrics(params)["accuracy"])
+    table = evaluate.format_table(res)
+    assert "held-out loss" in table and "held-out accuracy" in table and table.count("|---") == 5
 
 
 def test_tune_lr_picks_the_lowest_final_loss():
@@ -46,6 +57,7 @@ def test_evaluate_table_and_plot(tmp_path):
                             baselines=("adam", "nag"), tune_runs=1, grid=(1e-3, 1e-2))
     table = evaluate.format_table(res, "t")
     assert "| learned | learned |" in table and "(tuned)" in table
+    assert "held-out" not in table and res["methods"]["learned"]["heldout"] == {}  # quadratics have none
     evaluate.plot_curves(res, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="unknown baseline 'adagrad'"):
