@@ -1,5 +1,7 @@
 """The fused in-place L2L step op (learnedopt::l2l_step_) against its pure-PyTorch reference."""
 
+import math
+
 import pytest
 import torch
 
@@ -90,6 +92,24 @@ def test_found_inf_skips_everything_and_grad_scale_unscales(device):
     (up, us), _ = run_both(device, net, params, grads, states)
     for a, b in zip(sp + ss, up + us):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.6, 1.2, 10.0])
+def test_sign_part_scale_is_exp_p_rounded_once(device, p):
+    """The sign part e^p g uses e^p computed in double and rounded once to float, as the reference's
+    ``g * math.exp(p)`` does; exp of p rounded to float first differs by an ulp for most non-integer p
+    (0.6, 1.2). With a read-out that passes the sign part alone (w_out = [0, 1], b_out = 0) and
+    θ₀ = 0, lr = 1, the new θ is exactly that product, so fused and reference must agree bitwise."""
+    g = (torch.linspace(-1, 1, 257, dtype=torch.float64) * math.exp(-p) * 0.9).float().to(device)
+    w_out = torch.tensor([[0.0, 1.0]], device=device)
+    b_out = torch.zeros(1, device=device)
+    fused, ref = torch.zeros_like(g), torch.zeros_like(g)
+    args = dict(lr=1.0, weight_decay=0.0, update_scale=1.0, p=p, log_sign=True)
+    torch.ops.learnedopt.l2l_step_([fused], [g], [torch.empty(257, 0, device=device)], [], [], [], w_out, b_out, **args)
+    reference.l2l_step_([ref], [g], [torch.empty(257, 0, device=device)], [], [], [], w_out, b_out, **args)
+    assert torch.equal(fused, ref)
+    assert torch.equal(ref, g * math.exp(p))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -134,7 +134,9 @@ void step_group(const std::vector<int64_t>& idx, TensorList params, TensorList g
   for (int t = 0; t < at::get_num_threads(); ++t)
     scratch.push_back({at::empty({(I0 + S) * rpb}, opt), at::empty({4 * maxH * rpb}, opt),
                        at::empty({std::max<int64_t>(sumH, 1) * rpb}, opt), at::empty({rpb}, opt)});
-  const acc_t step = acc_t(lr * update_scale), pp = acc_t(p_pre), exp_p = std::exp(acc_t(p_pre));
+  // e^p in double, rounded once: the reference's g * math.exp(p) (exp of p rounded to float is off by
+  // an ulp for most non-integer p).
+  const acc_t step = acc_t(lr * update_scale), pp = acc_t(p_pre), exp_p = acc_t(std::exp(p_pre));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[idx[0]].scalar_type(), "l2l_step_update", [&] {
     at::parallel_for(0, n_items, 1, [&](int64_t k0, int64_t k1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
