@@ -63,6 +63,101 @@ inline void pointwise_forward(int64_t M, scalar_t* gates, const scalar_t* c, sca
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX2)
+// Cell maths of one 16-coordinate chunk of a layer (fused_layer_forward_f32): gates [4H, 16]
+// (pre-activations, unit-major) in; c_new, h_new out and, where non-null, the activated gates
+// act [4H, ld B] and tanh_c_new; c and every output have row stride B; n0 + n1 valid coordinates.
+// Not inlined: inlined, its constants stayed live in registers across the gate sums and pushed an
+// accumulator to the stack.
+template <bool kFull>
+C10_NOINLINE void chunk_pointwise_f32(const float* gates, int64_t H, const float* c, float* c_new, float* h_new,
+                                      float* act, float* tanh_c_new, int64_t B, int64_t n0, int64_t n1) {
+  using V = Vectorized<float>;
+  constexpr int64_t VS = V::size();
+  const auto load = [&](const float* ptr, int64_t n) { return kFull ? V::loadu(ptr) : V::loadu(ptr, n); };
+  const auto store = [&](const V& v, float* ptr, int64_t n) { kFull ? v.store(ptr) : v.store(ptr, n); };
+  for (int64_t j = 0; j < H; ++j) {
+    for (int64_t v = 0; v < 2; ++v) {
+      const float* gz = gates + j * 2 * VS + v * VS;
+      const int64_t o = j * B + v * VS, n = v ? n1 : n0;
+      const auto u = lstm_unit_forward(V::loadu(gz), V::loadu(gz + 2 * VS * H), V::loadu(gz + 4 * VS * H),
+                                       V::loadu(gz + 6 * VS * H), load(c + o, n));
+      store(u.c_new, c_new + o, n);
+      store(u.h_new, h_new + o, n);
+      if (act) {
+        const int64_t M = H * B;
+        store(u.i, act + o, n);
+        store(u.f, act + M + o, n);
+        store(u.g, act + 2 * M + o, n);
+        store(u.o, act + 3 * M + o, n);
+      }
+      if (tanh_c_new) store(u.tanh_c_new, tanh_c_new + o, n);
+    }
+  }
+}
+
+// Fused forward of one layer in float32, unit-major, 16 coordinates at a time: for each unit j the
+// four gate pre-activations b + W[g H + j, :] . z[:, e .. e+16) are summed in eight registers (k in
+// order, one FMA per weight and vector) into a [4H, 16] gate tile that stays in L1, then the cell
+// maths runs on the tile. Replaces a BLAS product [4H, K] x [K, B] and a pass over [4H, B] gates:
+// with K = I + H = 22 or 40 the product is too small for BLAS to run near its peak.
+// z [K, ld B]; c, c_new, h_new [H, ld B]; h_new may be c (each element is read before written);
+// act [4H, ld B] (activated gates) and tanh_c_new [H, ld B] are written where non-null.
+// gbuf: scratch of 4H * 16 floats.
+inline void fused_layer_forward_f32(const float* w, const float* bias, int64_t H, int64_t K, const float* z, int64_t B,
+                                    const float* c, float* c_new, float* h_new, float* gbuf, float* act = nullptr,
+                                    float* tanh_c_new = nullptr) {
+  using V = Vectorized<float>;
+  constexpr int64_t VS = V::size();
+  const auto gate_sums = [&](int64_t e, int64_t n0, int64_t n1, auto full) {
+    constexpr bool kFull = decltype(full)::value;
+    const auto load = [&](const float* ptr, int64_t n) { return kFull ? V::loadu(ptr) : V::loadu(ptr, n); };
+    for (int64_t j = 0; j < H; ++j) {
+      const float *w0 = w + j * K, *w1 = w + (H + j) * K, *w2 = w + (2 * H + j) * K, *w3 = w + (3 * H + j) * K;
+      V a0(bias[j]), a1(bias[H + j]), a2(bias[2 * H + j]), a3(bias[3 * H + j]);
+      V b0 = a0, b1 = a1, b2 = a2, b3 = a3;
+      const float* zk = z + e;
+      for (int64_t k = 0; k < K; ++k, zk += B) {
+        const V x0 = load(zk, n0), x1 = load(zk + VS, n1);
+        V t(w0[k]);
+        a0 = at::vec::fmadd(t, x0, a0);
+        b0 = at::vec::fmadd(t, x1, b0);
+        t = V(w1[k]);
+        a1 = at::vec::fmadd(t, x0, a1);
+        b1 = at::vec::fmadd(t, x1, b1);
+        t = V(w2[k]);
+        a2 = at::vec::fmadd(t, x0, a2);
+        b2 = at::vec::fmadd(t, x1, b2);
+        t = V(w3[k]);
+        a3 = at::vec::fmadd(t, x0, a3);
+        b3 = at::vec::fmadd(t, x1, b3);
+      }
+      float* g = gbuf + j * 2 * VS;  // gate q of unit j: gbuf + (q H + j) 16
+      a0.store(g);
+      b0.store(g + VS);
+      a1.store(g + 2 * VS * H);
+      b1.store(g + 2 * VS * H + VS);
+      a2.store(g + 4 * VS * H);
+      b2.store(g + 4 * VS * H + VS);
+      a3.store(g + 6 * VS * H);
+      b3.store(g + 6 * VS * H + VS);
+    }
+  };
+  int64_t e = 0;
+  for (; e + 2 * VS <= B; e += 2 * VS) {
+    gate_sums(e, VS, VS, std::true_type{});
+    chunk_pointwise_f32<true>(gbuf, H, c + e, c_new + e, h_new + e, act ? act + e : nullptr,
+                              tanh_c_new ? tanh_c_new + e : nullptr, B, VS, VS);
+  }
+  if (e < B) {
+    const int64_t n = B - e, n0 = std::min(n, VS);
+    gate_sums(e, n0, n - n0, std::false_type{});
+    chunk_pointwise_f32<false>(gbuf, H, c + e, c_new + e, h_new + e, act ? act + e : nullptr,
+                               tanh_c_new ? tanh_c_new + e : nullptr, B, n0, n - n0);
+  }
+}
+#endif
+
 // Unit-major backward of one block: from activated gates act [4M], old cell c, tanh(c_new) and the
 // incoming dh_new, dc_new [M] to dz [4M] (gradient of the pre-activations) and dc [M].
 template <typename scalar_t>
@@ -235,6 +330,7 @@ struct BlockScratch {
   std::vector<LayerScratch> layer;
   std::vector<Tensor> dhnT;
   Tensor dz, dZ, dcnT, dcT;
+  Tensor gchunk;  // [4 max H * 16]: the gate tile of fused_layer_forward_f32
   BlockScratch(const std::vector<Layer>& layers, int64_t rows, const at::TensorOptions& opt, bool backward) {
     int64_t maxH = 1, maxK = 1;
     for (const auto& L : layers) {
@@ -243,6 +339,7 @@ struct BlockScratch {
       maxH = std::max(maxH, L.H);
       maxK = std::max(maxK, L.K());
     }
+    gchunk = at::empty({4 * maxH * 16}, opt);
     if (backward) {
       dz = at::empty({4 * maxH * rows}, opt);
       dZ = at::empty({maxK * rows}, opt);
@@ -286,6 +383,16 @@ inline void layers_forward_block(const std::vector<Layer>& layers, BlockScratch&
     }
     gather_rows_T<scalar_t>(L.h, r0, B, z.narrow(0, L.I, L.H));
     gather_rows_T<scalar_t>(L.c, r0, B, s.cT);
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      fused_layer_forward_f32(L.w.const_data_ptr<float>(), L.b.const_data_ptr<float>(), L.H, L.K(),
+                              s.zT.const_data_ptr<float>(), B, s.cT.const_data_ptr<float>(),
+                              s.cnT.mutable_data_ptr<float>(), s.hnT.mutable_data_ptr<float>(),
+                              bs.gchunk.mutable_data_ptr<float>(), s.gates.mutable_data_ptr<float>(),
+                              s.tcT.mutable_data_ptr<float>());
+      continue;
+    }
+#endif
     addmm_into(tile(s.gates, 4 * L.H, B), L.b.unsqueeze(1), L.w, z);
     pointwise_forward<scalar_t>(L.H * B, s.gates.mutable_data_ptr<scalar_t>(), s.cT.const_data_ptr<scalar_t>(),
                                 s.cnT.mutable_data_ptr<scalar_t>(), s.hnT.mutable_data_ptr<scalar_t>(),
