@@ -73,26 +73,32 @@ template <bool kFull>
 C10_NOINLINE void chunk_pointwise_f32(const float* gates, int64_t H, const float* c, float* c_new, float* h_new,
                                       float* act, float* tanh_c_new, int64_t B, int64_t n0, int64_t n1) {
   using V = Vectorized<float>;
-  constexpr int64_t VS = V::size();
-  const auto load = [&](const float* ptr, int64_t n) { return kFull ? V::loadu(ptr) : V::loadu(ptr, n); };
-  const auto store = [&](const V& v, float* ptr, int64_t n) { kFull ? v.store(ptr) : v.store(ptr, n); };
-  for (int64_t j = 0; j < H; ++j) {
-    for (int64_t v = 0; v < 2; ++v) {
-      const float* gz = gates + j * 2 * VS + v * VS;
-      const int64_t o = j * B + v * VS, n = v ? n1 : n0;
-      const auto u = lstm_unit_forward(V::loadu(gz), V::loadu(gz + 2 * VS * H), V::loadu(gz + 4 * VS * H),
-                                       V::loadu(gz + 6 * VS * H), load(c + o, n));
-      store(u.c_new, c_new + o, n);
-      store(u.h_new, h_new + o, n);
-      if (act) {
-        const int64_t M = H * B;
-        store(u.i, act + o, n);
-        store(u.f, act + M + o, n);
-        store(u.g, act + 2 * M + o, n);
-        store(u.o, act + 3 * M + o, n);
-      }
-      if (tanh_c_new) store(u.tanh_c_new, tanh_c_new + o, n);
+  using P = VecPair<V>;  // the chunk's two vectors, their activation chains interleaved
+  constexpr int64_t W = P::size();
+  const auto load = [&](const float* ptr) { return kFull ? P::loadu(ptr) : P(V::loadu(ptr, n0), V::loadu(ptr + W / 2, n1)); };
+  const auto store = [&](const P& v, float* ptr) {
+    if (kFull) {
+      v.store(ptr);
+    } else {
+      v.lo.store(ptr, n0);
+      v.hi.store(ptr + W / 2, n1);
     }
+  };
+  const int64_t M = H * B;
+  for (int64_t j = 0; j < H; ++j) {
+    const float* gz = gates + j * W;
+    const int64_t o = j * B;
+    const auto u = lstm_unit_forward(P::loadu(gz), P::loadu(gz + W * H), P::loadu(gz + 2 * W * H),
+                                     P::loadu(gz + 3 * W * H), load(c + o));
+    store(u.c_new, c_new + o);
+    store(u.h_new, h_new + o);
+    if (act) {
+      store(u.i, act + o);
+      store(u.f, act + M + o);
+      store(u.g, act + 2 * M + o);
+      store(u.o, act + 3 * M + o);
+    }
+    if (tanh_c_new) store(u.tanh_c_new, tanh_c_new + o);
   }
 }
 
