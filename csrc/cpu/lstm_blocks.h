@@ -7,6 +7,8 @@
 // per-unit maths of lstm_math.h runs on full SIMD vectors along the coordinates:
 //   gates^T [4H, B] = b + [W_ih | W_hh] [x | h]_blk^T         (BLAS, through at::addmm)
 //   i, f, g, o, c', h' = lstm_unit_forward(...)               (at::vec, over the flat [H*B])
+// except in float32 with AVX2, where fused_layer_forward_f32 does both 16 coordinates at a time
+// with the gate sums in registers (these products, K = I + H, are too small for BLAS to pay off).
 // The backward pass recomputes the gates of a block instead of storing them (4H numbers per
 // coordinate), forms dz^T = dL/d(gates)^T, then dL/d[x | h] = dz [W_ih | W_hh] and the block's
 // weight-gradient partials dz^T [x | h], sum(dz), each in its own slot. The partials are summed in
