@@ -258,7 +258,26 @@ def _minibatch(data: tuple[Tensor, Tensor], batch_size: int, generator: torch.Ge
     return x[idx], y[idx]
 
 
-class MNISTConvTask(Task):
+class _HeldOutClassifier(Task):
+    """A classifier task with held-out data ``self.heldout = (x, y)``: subclasses define
+    ``logits(params, x)``; the loss is the cross-entropy of a batch, the held-out metrics are
+    :func:`classification_metrics` on all of ``self.heldout``."""
+
+    heldout: tuple[Tensor, Tensor]
+
+    def logits(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, params: Sequence[Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.logits(params, x), y)
+
+    def heldout_metrics(self, params: Sequence[Tensor]) -> dict[str, float]:
+        with torch.no_grad():
+            return classification_metrics(self.logits(params, self.heldout[0]), self.heldout[1])
+
+
+class MNISTConvTask(_HeldOutClassifier):
     """Cross-entropy of a small convnet on real MNIST digits (the original code's MNIST convnet test
     problem, filters (3×3, 8) and (5×5, 8)): conv 3×3 → 8, ``activation``, 2×2 max-pool, conv 5×5 → 8,
     ``activation``, 2×2 max-pool, linear → 10. He-normal weights, zero biases (the original's N(0, 0.01)
@@ -296,16 +315,8 @@ class MNISTConvTask(Task):
         x = F.max_pool2d(act(F.conv2d(x, params[2], params[3])), 2)  # 13 -> 9 -> 4
         return torch.addmm(params[5], x.flatten(1), params[4])
 
-    def loss(self, params: Sequence[Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self.logits(params, x), y)
 
-    def heldout_metrics(self, params: Sequence[Tensor]) -> dict[str, float]:
-        with torch.no_grad():
-            return classification_metrics(self.logits(params, self.heldout[0]), self.heldout[1])
-
-
-class DigitsResNetTask(Task):
+class DigitsResNetTask(_HeldOutClassifier):
     """Cross-entropy of a small ResNet (pre-activation style, batch-norm free) on scikit-learn's real
     8×8 digits: conv 3×3 → ``width``; ``blocks`` residual blocks x + conv(relu(conv(relu(x)))) (3×3,
     He-normal weights, the second conv of each block × 0.1 so that every block starts near the
@@ -344,11 +355,3 @@ class DigitsResNetTask(Task):
             k += 4
         x = F.relu(x).mean((2, 3))
         return torch.addmm(params[k + 1], x, params[k])
-
-    def loss(self, params: Sequence[Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self.logits(params, x), y)
-
-    def heldout_metrics(self, params: Sequence[Tensor]) -> dict[str, float]:
-        with torch.no_grad():
-            return classification_metrics(self.logits(params, self.heldout[0]), self.heldout[1])
