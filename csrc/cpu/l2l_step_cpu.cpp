@@ -51,17 +51,8 @@ int64_t forward_block(const std::vector<Layer>& layers, StepScratch& sc, int64_t
   for (const Layer& L : layers) {
     const int64_t H = L.H, M = H * B;
     acc_t* c = T + (hrow + H) * B;  // old c in, h_new out
-#if defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<acc_t, float>) {
-      fused_layer_forward_f32(L.w.const_data_ptr<float>(), L.b.const_data_ptr<float>(), H, L.K(),
-                              T + (hrow - L.I) * B, B, c, cnew, /*h_new=*/c, gates);
-    } else
-#endif
-    {
-      const Tensor z = sc.tile.narrow(0, (hrow - L.I) * B, L.K() * B).view({L.K(), B});
-      addmm_into(sc.gates.narrow(0, 0, 4 * M).view({4 * H, B}), L.b.unsqueeze(1), L.w, z);
-      pointwise_forward<acc_t, /*kKeepGates=*/false>(M, gates, c, cnew, /*h_new=*/c, /*tanh_c_new=*/nullptr);
-    }
+    layer_forward<acc_t>(L, T + (hrow - L.I) * B, B, gates, /*gbuf=*/gates, c, cnew, /*h_new=*/c,
+                         /*tanh_c_new=*/nullptr);
     top = hrow + H;
     cnew += M;
     hrow += 2 * H;

@@ -319,6 +319,30 @@ inline std::vector<Layer> make_layers(TensorList h, TensorList c, TensorList w_i
 // [units, B] view of the first units*B elements of a flat scratch buffer.
 inline Tensor tile(const Tensor& buf, int64_t units, int64_t B) { return buf.narrow(0, 0, units * B).view({units, B}); }
 
+// One layer's forward on a unit-major block of B coordinates: z [K, ld B] (the layer's [input | h])
+// and the old cell c in; c_new and h_new out (h_new may be c). With tanh_c_new non-null (the
+// backward needs them) the activated gates go to gates [4H * B] and tanh(c_new) to tanh_c_new;
+// otherwise gates is only scratch. float32 with AVX2 runs fused_layer_forward_f32 (gbuf: 4H * 16
+// scratch, which may be gates when nothing is kept); anything else a BLAS product into gates and
+// pointwise_forward.
+template <typename scalar_t>
+inline void layer_forward(const Layer& L, scalar_t* z, int64_t B, scalar_t* gates, scalar_t* gbuf, const scalar_t* c,
+                          scalar_t* c_new, scalar_t* h_new, scalar_t* tanh_c_new) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    fused_layer_forward_f32(L.w.const_data_ptr<float>(), L.b.const_data_ptr<float>(), L.H, L.K(), z, B, c, c_new,
+                            h_new, gbuf, tanh_c_new ? gates : nullptr, tanh_c_new);
+    return;
+  }
+#endif
+  const auto opt = L.w.options();
+  addmm_into(at::from_blob(gates, {4 * L.H, B}, opt), L.b.unsqueeze(1), L.w, at::from_blob(z, {L.K(), B}, opt));
+  if (tanh_c_new)
+    pointwise_forward<scalar_t>(L.H * B, gates, c, c_new, h_new, tanh_c_new);
+  else
+    pointwise_forward<scalar_t, /*kKeepGates=*/false>(L.H * B, gates, c, c_new, h_new, nullptr);
+}
+
 // Unit-major scratch of one layer for one block of up to `rows` coordinates.
 struct LayerScratch {
   Tensor zT;     // [K * rows]: the layer's input and old h, [x | h]^T
@@ -391,20 +415,10 @@ inline void layers_forward_block(const std::vector<Layer>& layers, BlockScratch&
     }
     gather_rows_T<scalar_t>(L.h, r0, B, z.narrow(0, L.I, L.H));
     gather_rows_T<scalar_t>(L.c, r0, B, s.cT);
-#if defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      fused_layer_forward_f32(L.w.const_data_ptr<float>(), L.b.const_data_ptr<float>(), L.H, L.K(),
-                              s.zT.const_data_ptr<float>(), B, s.cT.const_data_ptr<float>(),
-                              s.cnT.mutable_data_ptr<float>(), s.hnT.mutable_data_ptr<float>(),
-                              bs.gchunk.mutable_data_ptr<float>(), s.gates.mutable_data_ptr<float>(),
-                              s.tcT.mutable_data_ptr<float>());
-      continue;
-    }
-#endif
-    addmm_into(tile(s.gates, 4 * L.H, B), L.b.unsqueeze(1), L.w, z);
-    pointwise_forward<scalar_t>(L.H * B, s.gates.mutable_data_ptr<scalar_t>(), s.cT.const_data_ptr<scalar_t>(),
-                                s.cnT.mutable_data_ptr<scalar_t>(), s.hnT.mutable_data_ptr<scalar_t>(),
-                                s.tcT.mutable_data_ptr<scalar_t>());
+    layer_forward<scalar_t>(L, s.zT.mutable_data_ptr<scalar_t>(), B, s.gates.mutable_data_ptr<scalar_t>(),
+                            bs.gchunk.mutable_data_ptr<scalar_t>(), s.cT.const_data_ptr<scalar_t>(),
+                            s.cnT.mutable_data_ptr<scalar_t>(), s.hnT.mutable_data_ptr<scalar_t>(),
+                            s.tcT.mutable_data_ptr<scalar_t>());
   }
 }
 
