@@ -16,7 +16,11 @@
 #   5. PYTHONPATH=<repo> python3 bench/bench_step.py --device all -> bench_step.log, step-*.json (CUDA rows
 #      first, then CPU; its JSON is rewritten after every workload, so a run stopped by the time limit
 #      keeps the rows it measured)
-#   6. PYTHONPATH=<repo> python3 -m pytest tests -q -m "not cuda" in the time left -> pytest-rest.log,
+#   6. PYTHONPATH=<repo> python3 bench/bench_train.py --device cuda -> bench_train.log, train-*.json: whole
+#      training steps (forward, backward, optimizer step) of ResNet-18, ResNet-50 and a small ViT, batch 32,
+#      image 224, with Adam and the learned optimizers (JSON rewritten after every configuration; skipped,
+#      and not a failure, where torchvision is not installed)
+#   7. PYTHONPATH=<repo> python3 -m pytest tests -q -m "not cuda" in the time left -> pytest-rest.log,
 #      pytest-rest.xml (CI runs these too; here they check this machine's torch/Python; a stop by the
 #      time limit is not a failure)
 # Logs go to bench/results/gpu-<UTC date-time>/ and, when $OUT is set, to $OUT/gpu-<date-time>/ as
@@ -35,7 +39,10 @@
 #   BENCH_ARGS           extra benchmark arguments (default none: N = 1e4 1e5 1e6, repeat 5)
 #   STEP_BENCH_ARGS      extra arguments of bench_step.py (default none: sizes 1e4 .. 3e7 and the
 #                        ResNet-50 / Inception-V3 shapes, reference up to 1e7 elements)
+#   TRAIN_BENCH_ARGS     extra arguments of bench_train.py (default none: resnet18 resnet50 vit, batch 32,
+#                        image 224, all optimizers, warmup 2, repeat 10)
 #   GPU_RUN_STEP_S       seconds kept for bench_step.py when the first benchmark starts (default 150)
+#   GPU_RUN_TRAIN_S      seconds kept for bench_train.py when the tests start (default 90)
 #   GPU_RUN_BUDGET_S     total time budget in seconds (default 570)
 #   LEARNEDOPT_GIT_REV   revision to record when the copy has no .git (the benchmark reads it)
 
@@ -47,6 +54,7 @@ DEADLINE=$((T0 + BUDGET))
 PY=${PYTHON:-python3}
 CUDA_FLAG=${GPU_RUN_CUDA:-1}
 STEP_S=${GPU_RUN_STEP_S:-150}
+TRAIN_S=${GPU_RUN_TRAIN_S:-90}
 ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
 NPROC=$(nproc 2>/dev/null || echo 4)
 
@@ -112,7 +120,7 @@ try:
               "mem %.1f GiB" % (p.total_memory / 2**30), "SMs", p.multi_processor_count)
 except Exception as e:  # noqa: BLE001
     print("torch import failed:", e)
-for m in ("setuptools", "ninja", "pytest", "numpy", "expecttest", "pytest_benchmark"):
+for m in ("setuptools", "ninja", "pytest", "numpy", "expecttest", "pytest_benchmark", "torchvision", "tqdm"):
     try:
         mod = importlib.import_module(m)
         print(f"{m}: {getattr(mod, '__version__', 'present')}")
@@ -169,7 +177,7 @@ sync_out
 banner "3. CUDA tests (pytest -m cuda: every test that skips without a GPU)"
 TEST_RC=skipped
 if [ "$EXT_OK" = 1 ]; then
-    T=$(left $((STEP_S + 75)))
+    T=$(left $((STEP_S + TRAIN_S + 75)))
     echo "time limit ${T}s; full log: $RES/pytest.log"
     # shellcheck disable=SC2086
     PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" timeout --kill-after=10 "$T" \
@@ -187,7 +195,7 @@ sync_out
 banner "4. benchmark"
 BENCH_RC=skipped
 if [ "$EXT_OK" = 1 ]; then
-    T=$(left $((STEP_S + 15)))
+    T=$(left $((STEP_S + TRAIN_S + 15)))
     echo "time limit ${T}s"
     # shellcheck disable=SC2086
     PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" timeout --kill-after=10 "$T" \
@@ -203,7 +211,7 @@ sync_out
 banner "5. optimizer-step benchmark"
 STEP_RC=skipped
 if [ "$EXT_OK" = 1 ]; then
-    T=$(left 60)
+    T=$(left $((TRAIN_S + 60)))
     echo "time limit ${T}s"
     # shellcheck disable=SC2086
     PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" timeout --kill-after=10 "$T" \
@@ -217,7 +225,29 @@ fi
 sync_out
 
 # ---------------------------------------------------------------------------------------------
-banner "6. the other tests (pytest -m 'not cuda', in the time left; CI runs them too)"
+banner "6. training-step benchmark (bench_train.py --device cuda)"
+TRAIN_RC=skipped
+if [ "$EXT_OK" = 1 ]; then
+    if "$PY" -c "import torchvision" >/dev/null 2>&1; then
+        T=$(left 60)
+        echo "time limit ${T}s"
+        # shellcheck disable=SC2086
+        PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" timeout --kill-after=10 "$T" \
+            "$PY" bench/bench_train.py --device cuda --out "$RES/" ${TRAIN_BENCH_ARGS:-} 2>&1 | tee "$RES/bench_train.log"
+        TRAIN_RC=${PIPESTATUS[0]}
+        echo "training-step benchmark exit status: $TRAIN_RC"
+        case "$TRAIN_RC" in 124|137) echo "(stopped by the time limit; the JSON holds the configurations finished before)" ;; esac
+    else
+        TRAIN_RC=no-torchvision
+        echo "skipped: torchvision is not installed (not a failure)"
+    fi
+else
+    echo "skipped: the extension did not build"
+fi
+sync_out
+
+# ---------------------------------------------------------------------------------------------
+banner "7. the other tests (pytest -m 'not cuda', in the time left; CI runs them too)"
 REST_RC=skipped
 if [ "$EXT_OK" = 1 ]; then
     T=$(left 5)
@@ -243,6 +273,7 @@ STATUS=0
 [ "$TEST_RC" = 0 ] || STATUS=1
 [ "$BENCH_RC" = 0 ] || STATUS=1
 [ "$STEP_RC" = 0 ] || STATUS=1
+case "$TRAIN_RC" in 0|no-torchvision) ;; *) STATUS=1 ;; esac
 case "$REST_RC" in 0|124|137) ;; *) STATUS=1 ;; esac
 {
     echo "build:     exit $BUILD_RC (LEARNEDOPT_CUDA=$CUDA_FLAG)  extension loads: $EXT_OK  CUDA kernels usable: $CUDA_OK"
@@ -250,6 +281,7 @@ case "$REST_RC" in 0|124|137) ;; *) STATUS=1 ;; esac
     echo "the rest:  exit $REST_RC  $(grep -E ' in [0-9.]+s( \([0-9:]+\))?( =+)?$' "$RES/pytest-rest.log" 2>/dev/null | tail -n 1)"
     echo "benchmark: exit $BENCH_RC  $(ls "$RES"/coord_lstm-*.json 2>/dev/null | xargs -r -n1 basename | tr '\n' ' ')"
     echo "step:      exit $STEP_RC  $(ls "$RES"/step-*.json 2>/dev/null | xargs -r -n1 basename | tr '\n' ' ')"
+    echo "train:     exit $TRAIN_RC  $(ls "$RES"/train-*.json 2>/dev/null | xargs -r -n1 basename | tr '\n' ' ')"
     echo "results:   $RES${OUT:+  (and \$OUT/$NAME)}"
     echo "elapsed:   $(($(date +%s) - T0)) s"
     echo "status:    $STATUS"

@@ -2,8 +2,8 @@
 and forward+backward, small N, on CPU and (skipped without a GPU) CUDA.
 
     pytest bench/ --benchmark-only              # the benchmarks only
-    pytest bench/                               # the benchmarks (short rounds) and a smoke test of
-                                                # bench_coord_lstm.py
+    pytest bench/                               # the benchmarks (short rounds) and smoke tests of
+                                                # bench_coord_lstm.py, bench_step.py and bench_train.py
 
 Not part of the normal test run: pyproject's ``testpaths = ["tests"]`` keeps plain ``pytest`` to
 tests/. Without pytest-benchmark installed, the benchmark cases skip.
@@ -15,6 +15,7 @@ bench_coord_lstm.py, which times with CUDA events).
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,41 @@ def test_bench_step_smoke(tmp_path):
     assert res["rows"][0]["device"] == "cpu"
     for name, (n_tensors, numel) in mod.model_shapes.EXPECTED.items():
         assert len(mod.model_shapes.shapes(name)) == n_tensors and mod.model_shapes.numel(name) == numel
+
+
+@needs_ext
+def test_bench_train_smoke(tmp_path):
+    """bench_train.main runs a tiny configuration of every optimizer end to end and writes its
+    JSON: every row timed, times finite and positive, phases adding up to the whole step."""
+    pytest.importorskip("torchvision")
+    spec = importlib.util.spec_from_file_location("bench_train_smoke", HERE / "bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--models", "vit", "resnet18", "--batch", "2", "--image-size", "32", "--warmup", "1",
+                    "--repeat", "1", "--device", "cpu", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("train-cpu-*.json")
+    assert res["json_path"] == str(path)
+    data = json.loads(path.read_text())
+    assert data["complete"] and data["torchvision"] and data["git_rev"] != ""
+    rows = data["rows"]
+    assert [(r["model"], r["optimizer"]) for r in rows] == [(m, o) for m in ("resnet18", "vit")
+                                                              for o in mod.OPTIMIZERS]
+    for r in rows:
+        assert not r["error"], r["na"]
+        if r["na"]:  # only fused Adam may be unsupported, on an old torch
+            assert r["optimizer"] == "adam-fused"
+            continue
+        assert r["n_params"] > 0 and r["batch"] == 2 and r["image_size"] == 32
+        assert r["warmup"] == 1 and r["repeat"] == 1 and len(r["warmup_times_ms"]) == 1
+        for k in ("step", "forward", "backward", "opt"):
+            assert math.isfinite(r[f"{k}_ms"]) and r[f"{k}_ms"] > 0, (r["optimizer"], k)
+            assert len(r["times_ms"][k]) == 1 and r[f"{k}_min_ms"] <= r[f"{k}_ms"]
+        parts = r["forward_ms"] + r["backward_ms"] + r["opt_ms"]
+        assert parts <= r["step_ms"] * 1.001 and parts >= 0.9 * r["step_ms"], (r["optimizer"], parts, r["step_ms"])
+        assert abs(r["opt_share"] - r["opt_ms"] / r["step_ms"]) < 1e-9
+        assert abs(r["opt_over_fwd"] - r["opt_ms"] / r["forward_ms"]) < 1e-9
+        assert r["adam_baseline"] in ("adam-fused", "adam-foreach") and r["opt_x_adam"] > 0
+        assert len(r["losses"]) == 2 and math.isfinite(r["loss_first"])
+    by = {(r["model"], r["optimizer"]): r for r in rows}
+    assert by[("resnet18", "adam-foreach")]["n_params"] == 11_689_512
+    assert by[("resnet18", "adam-fused")]["opt_x_adam"] in (None, 1.0)
