@@ -139,7 +139,7 @@ ext = Extension(
 
 setup(
     packages=find_packages(include=["learnedopt", "learnedopt.*"]),
-    package_data={"learnedopt.pretrained": ["*.pt", "*.json"]},
+    package_data={"learnedopt.pretrained": ["*.safetensors", "*.json"]},
     ext_modules=[ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -12,8 +12,8 @@ if [[ "${SKIP_TRAIN:-0}" != 1 ]]; then
   # the paper's quadratic setting (no preprocessing, output x1): reported in docs/l2l.md, not shipped
   python -m learnedopt meta-train --config configs/l2l-quadratic-paper.json --out runs/l2l-quadratic-paper
   # ship the weights with the best evaluation loss (early stopping, as the paper) and the logs
-  cp runs/l2l-mnist/best.pt learnedopt/pretrained/l2l-mnist.pt
-  cp runs/l2l-quadratic/best.pt learnedopt/pretrained/l2l-quadratic.pt
+  python -m learnedopt export runs/l2l-mnist/best.pt learnedopt/pretrained/l2l-mnist.safetensors
+  python -m learnedopt export runs/l2l-quadratic/best.pt learnedopt/pretrained/l2l-quadratic.safetensors
   mkdir -p docs/logs docs/figures
   cp runs/l2l-mnist/log.jsonl docs/logs/l2l-mnist.log.jsonl
   cp runs/l2l-quadratic/log.jsonl docs/logs/l2l-quadratic.log.jsonl

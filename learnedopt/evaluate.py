@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .meta import run_rule
+from ._progress import progress
+from .meta.unroll import run_rule
 from .tasks import Task, TaskFamily
 
 __all__ = ["BASELINES", "LR_GRID", "run_optimizer", "tune_lr", "evaluate", "format_table", "plot_curves"]
@@ -63,7 +65,7 @@ def run_optimizer(make_opt: Callable[[list[Tensor]], torch.optim.Optimizer], tas
 
 
 def _runs(method: Callable[[Task, torch.Generator], tuple[list[float], list[Tensor]]], family: TaskFamily,
-          steps: int, seed: int, runs: int, heldout: bool = False) -> tuple[list[list[float]], list[dict[str, float]]]:
+          steps: int, seed: int, runs: int, heldout: bool = False, bar=None) -> tuple[list[list[float]], list[dict[str, float]]]:
     """The loss curves of ``runs`` trajectories and, with ``heldout``, the held-out metrics of each
     run's final parameters (:meth:`Task.heldout_metrics`; computed after the run, so they consume no
     random numbers and change no trajectory)."""
@@ -74,11 +76,13 @@ def _runs(method: Callable[[Task, torch.Generator], tuple[list[float], list[Tens
         curve, params = method(task, g)
         curves.append(curve)
         metrics.append(task.heldout_metrics(params) if heldout else {})
+        if bar is not None:
+            bar.update(1)
     return curves, metrics
 
 
 def _method(spec: nn.Module | Callable[[list[Tensor]], torch.optim.Optimizer], steps: int):
-    if isinstance(spec, nn.Module):  # a learned update rule (learnedopt.meta interface)
+    if isinstance(spec, nn.Module):  # a learned update rule (learnedopt.rules interface)
         def run(task, g):
             losses, params = run_rule(spec, task, steps, g)
             return [x if math.isfinite(x) else math.inf for x in losses], params
@@ -99,17 +103,21 @@ def _summarize_heldout(metrics: list[dict[str, float]]) -> dict[str, dict[str, A
 
 
 def tune_lr(name: str, family: TaskFamily, steps: int, seed: int = 0, runs: int = 3,
-            grid: Sequence[float] = LR_GRID) -> tuple[float, dict[float, float]]:
+            grid: Sequence[float] = LR_GRID, bar=None) -> tuple[float, dict[float, float]]:
     """The learning rate of baseline ``name`` with the lowest mean final loss over ``runs`` tuning
     trajectories (seeds ``(seed + 1, i)``). Returns ``(best_lr, {lr: mean final loss})``."""
     scores = {}
     for lr in grid:
-        curves, _ = _runs(_method(lambda ps, lr=lr: BASELINES[name](ps, lr), steps), family, steps, seed + 1, runs)
+        if bar is not None:
+            bar.set_postfix_str(f"tuning {name} lr {lr:g}", refresh=False)
+        curves, _ = _runs(_method(lambda ps, lr=lr: BASELINES[name](ps, lr), steps), family, steps, seed + 1, runs,
+                          bar=bar)
         finals = [c[-1] for c in curves]
         scores[lr] = sum(finals) / len(finals)
     best = min(scores, key=lambda lr: (scores[lr], lr))
     if best in (min(grid), max(grid)):
-        print(f"learnedopt.evaluate: the tuned learning rate of {name} ({best}) is at the edge of the grid")
+        warnings.warn(f"learnedopt.evaluate: the tuned learning rate of {name} ({best}) is at the edge of the grid "
+                      f"({min(grid)} .. {max(grid)})", stacklevel=2)
     return best, scores
 
 
@@ -121,21 +129,15 @@ def evaluate(learned: dict[str, nn.Module | Callable], family: TaskFamily, steps
     tuning them. Returns ``{"steps", "runs", "methods": {name: {"lr", "curve" (mean loss per step),
     "final_mean", "final_std", "finals", "heldout"}}}``; ``"heldout"`` is ``{metric: {"mean", "std",
     "median", "values"}}`` of the final parameters on the task's held-out data
-    (:meth:`Task.heldout_metrics`, e.g. ``"loss"`` and ``"accuracy"``), ``{}`` for tasks without."""
-    methods: dict[str, dict[str, Any]] = {}
-    for name, spec in learned.items():
-        curves, metrics = _runs(_method(spec, steps), family, steps, seed, runs, heldout=True)
-        methods[name] = {"lr": None, "curves": curves, "heldout": _summarize_heldout(metrics)}
+    (:meth:`Task.heldout_metrics`, e.g. ``"loss"`` and ``"accuracy"``), ``{}`` for tasks without.
+    A progress bar (trajectories) is shown when stderr is a terminal."""
     for name in baselines:
         if name not in BASELINES:
             raise ValueError(f"evaluate: unknown baseline {name!r}; known: {sorted(BASELINES)}")
-        lr = (lrs or {}).get(name)
-        scores = None
-        if lr is None:
-            lr, scores = tune_lr(name, family, steps, seed, tune_runs, grid)
-        curves, metrics = _runs(_method(lambda ps, lr=lr, name=name: BASELINES[name](ps, lr), steps), family, steps,
-                                seed, runs, heldout=True)
-        methods[name] = {"lr": lr, "tuning": scores, "curves": curves, "heldout": _summarize_heldout(metrics)}
+    tuned = [b for b in baselines if (lrs or {}).get(b) is None]
+    total = (len(learned) + len(baselines)) * runs + len(tuned) * len(grid) * tune_runs
+    with progress(total=total, desc="evaluate", unit="run") as bar:
+        methods = _evaluate_methods(learned, family, steps, runs, seed, baselines, tune_runs, grid, lrs, bar)
     for m in methods.values():
         curves = torch.tensor(m.pop("curves"), dtype=torch.float64)
         finals = curves[:, -1]
@@ -144,6 +146,24 @@ def evaluate(learned: dict[str, nn.Module | Callable], family: TaskFamily, steps
         m["final_mean"] = float(finals.mean())
         m["final_std"] = float(finals.std()) if len(finals) > 1 else 0.0
     return {"steps": steps, "runs": runs, "seed": seed, "methods": methods}
+
+
+def _evaluate_methods(learned, family, steps, runs, seed, baselines, tune_runs, grid, lrs, bar):
+    methods: dict[str, dict[str, Any]] = {}
+    for name, spec in learned.items():
+        bar.set_postfix_str(name, refresh=False)
+        curves, metrics = _runs(_method(spec, steps), family, steps, seed, runs, heldout=True, bar=bar)
+        methods[name] = {"lr": None, "curves": curves, "heldout": _summarize_heldout(metrics)}
+    for name in baselines:
+        lr = (lrs or {}).get(name)
+        scores = None
+        if lr is None:
+            lr, scores = tune_lr(name, family, steps, seed, tune_runs, grid, bar=bar)
+        bar.set_postfix_str(f"{name} lr {lr:g}", refresh=False)
+        curves, metrics = _runs(_method(lambda ps, lr=lr, name=name: BASELINES[name](ps, lr), steps), family, steps,
+                                seed, runs, heldout=True, bar=bar)
+        methods[name] = {"lr": lr, "tuning": scores, "curves": curves, "heldout": _summarize_heldout(metrics)}
+    return methods
 
 
 def format_table(result: dict[str, Any], title: str = "") -> str:

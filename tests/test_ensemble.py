@@ -1,11 +1,12 @@
-"""learnedopt.ensemble: the problems of Wichrowska et al.'s meta-training ensemble."""
+"""learnedopt.tasks.ensemble: the problems of Wichrowska et al.'s meta-training ensemble."""
 
 import math
 
 import pytest
 import torch
 
-from learnedopt import ensemble, meta
+from learnedopt import meta
+from learnedopt.tasks import ensemble
 
 
 def _gen(seed=0):

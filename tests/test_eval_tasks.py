@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import requires_mnist
-from learnedopt import data, tasks
+from learnedopt import tasks
+from learnedopt.tasks import data
 
 
 def _adam_decreases(task, steps=30, lr=1e-2):

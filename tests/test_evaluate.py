@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
 from conftest import requires_mnist
 
 import learnedopt
 from learnedopt import evaluate, meta, pretrained, tasks
-from learnedopt.__main__ import main
+from learnedopt.cli import main
 
 
 def _family():
@@ -84,10 +85,12 @@ def test_l2l_optimizer_follows_the_meta_trained_rule():
 def test_shipped_weights():
     names = pretrained.available()
     assert names == sorted(pretrained.WEIGHTS)  # every registered file is installed
-    from learnedopt.hierarchical import HierarchicalRule
+    from learnedopt.rules.hierarchical import HierarchicalRule
 
     for name in names:
-        blob = torch.load(pretrained.path(name), weights_only=True)  # no code unpickled
+        assert pretrained.path(name).suffix == ".safetensors"
+        with safe_open(str(pretrained.path(name)), framework="pt") as f:  # safetensors: no code unpickled
+            blob = {"kind": f.metadata()["kind"]}
         rule = pretrained.load(name)
         if name.startswith("l2l"):
             assert blob["kind"] == "l2l"

@@ -15,7 +15,7 @@ from torch import nn
 from conftest import DEVICES
 from helpers import save_load
 from learnedopt import meta
-from learnedopt.hierarchical import (INIT_LOG_LR_RANGE, HierarchicalNet, HierarchicalRule, HierState,
+from learnedopt.rules.hierarchical import (INIT_LOG_LR_RANGE, HierarchicalNet, HierarchicalRule, HierState,
                                      initial_state, step_reference)
 from learnedopt.optim import HierarchicalOptimizer
 
@@ -487,7 +487,7 @@ def test_trains_a_small_model():
 # meta-training
 # --------------------------------------------------------------------------------------------
 def test_meta_gradient_reaches_the_per_coordinate_and_tensor_weights():
-    from learnedopt.ensemble import NoisyQuadratic, SumOf
+    from learnedopt.tasks.ensemble import NoisyQuadratic, SumOf
 
     rule = HierarchicalRule(make_net())
     task = SumOf([NoisyQuadratic(5), NoisyQuadratic(3)]).sample(torch.Generator().manual_seed(0))
@@ -554,7 +554,7 @@ def test_shipped_network_trains_an_unseen_problem_better_than_default_adam():
     """The shipped weights were meta-trained on small problems only; on a logistic regression of
     scikit-learn's 8x8 digits (not in the ensemble) 200 steps at the default lr 1e-4 must beat Adam
     at its default lr 1e-3 (measured with the shipped weights: 1.3e-4 vs 1.2)."""
-    from learnedopt import data
+    from learnedopt.tasks import data
 
     x, y = data.digits("train")
     x = x.reshape(len(x), -1)

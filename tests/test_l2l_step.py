@@ -7,7 +7,7 @@ import torch
 
 from conftest import DEVICES
 from learnedopt import reference
-from learnedopt.nets import CoordinateLSTMNet
+from learnedopt.rules.l2l import CoordinateLSTMNet
 
 
 def net_weights(net, device):

@@ -8,6 +8,7 @@ import torch
 from conftest import requires_mnist
 from torch import nn
 
+import learnedopt
 from learnedopt import meta, tasks
 from learnedopt.meta import Carry, L2LRule, LearnedSGD, MetaConfig, MetaTrainer
 
@@ -143,13 +144,13 @@ def test_fused_and_reference_unrolls_agree():
 @requires_mnist
 def test_l2l_rule_one_op_call_per_step(monkeypatch):
     calls = []
-    real = meta.CoordinateLSTMNet.forward
+    real = learnedopt.CoordinateLSTMNet.forward
 
     def spy(self, grad, state, fused=None):
         calls.append(grad.numel())
         return real(self, grad, state, fused)
 
-    monkeypatch.setattr(meta.CoordinateLSTMNet, "forward", spy)
+    monkeypatch.setattr(learnedopt.CoordinateLSTMNet, "forward", spy)
     task = tasks.MNISTTask(hidden=(7,), batch_size=4)
     rule = L2LRule(layers=(3,))
     meta.unroll(rule, meta.start(rule, task, _gen()), 3, _gen())
@@ -322,7 +323,7 @@ def test_save_and_load_rule(tmp_path):
 # -- tasks ----------------------------------------------------------------------------------------
 @requires_mnist
 def test_mnist_task():
-    from learnedopt import data
+    from learnedopt.tasks import data
 
     x, y = data.mnist("train")
     assert x.shape == (3000, 784) and y.shape == (3000,) and x.dtype == torch.float32

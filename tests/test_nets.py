@@ -1,4 +1,4 @@
-"""learnedopt.nets.CoordinateLSTMNet and the log/sign gradient preprocessing."""
+"""learnedopt.rules.l2l.CoordinateLSTMNet and the log/sign gradient preprocessing."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import DEVICES
-from learnedopt.nets import CoordinateLSTMNet
+from learnedopt.rules.l2l import CoordinateLSTMNet
 from learnedopt.reference import log_sign_preprocess
 
 

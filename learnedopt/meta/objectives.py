@@ -1,0 +1,34 @@
+"""Meta-objectives over the objective values o_0 … o_T of an unroll (o_t = f(θ_t) on the step's
+training batch, on a fresh batch for o_T; with train-by-validation f on a held-out batch instead):
+
+* ``"sum"``: Σ_{t=0}^{T} o_t — L2L (the unroll's first point included, weights 1);
+* ``"final"``: o_T;
+* ``"log_ratio"``: mean_{t=1..T} log(o_t / f_0), f_0 the loss at the trajectory's start (Wichrowska);
+* ``"log_final"``: log o_T (Wang et al.: its meta-gradient neither explodes nor vanishes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["OBJECTIVES", "LOG_EPS", "objective"]
+
+LOG_EPS = 1e-12  # floor of the losses inside the log objectives
+OBJECTIVES = ("sum", "final", "log_ratio", "log_final")
+
+
+def objective(kind: str, values: list[Tensor], f0: float) -> Tensor:
+    """The meta-objective ``kind`` of an unroll's objective values (see the module docstring)."""
+    if kind == "sum":
+        return torch.stack(values).sum()
+    if kind == "final":
+        return values[-1]
+    if kind == "log_ratio":
+        logs = torch.log(torch.stack(values[1:]).clamp_min(LOG_EPS))
+        return (logs - math.log(max(f0, LOG_EPS))).mean()
+    if kind == "log_final":
+        return torch.log(values[-1].clamp_min(LOG_EPS))
+    raise ValueError(f"unknown meta-objective {kind!r}; known: {OBJECTIVES}")

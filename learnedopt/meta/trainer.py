@@ -1,0 +1,296 @@
+"""The outer loop of meta-training: :class:`MetaConfig` (everything a run depends on, a JSON file)
+and :class:`MetaTrainer`: a meta-optimizer (any ``torch.optim`` class; Adam by default),
+meta-gradient clipping, non-finite meta-gradients skipped and counted, periodic evaluation with the
+best weights kept (early stopping as in the paper), atomic checkpoints and exact resume, a JSONL log,
+a progress bar and a PNG of the curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._progress import progress
+from ..rules import make_rule, save_rule
+from ..tasks import TaskFamily, make_family
+from .checkpoints import init_weights, load_checkpoint, save_checkpoint
+from .logs import plot_log
+from .objectives import LOG_EPS, OBJECTIVES
+from .unroll import run_rule, start, unroll
+
+__all__ = ["MetaConfig", "MetaTrainer", "RESUME_FREE"]
+
+
+@dataclasses.dataclass
+class MetaConfig:
+    """Everything a meta-training run depends on (a JSON config file holds these keys)."""
+
+    task: str = "quadratic"
+    task_kwargs: dict = dataclasses.field(default_factory=dict)
+    rule: str = "l2l"
+    rule_kwargs: dict = dataclasses.field(default_factory=dict)
+    # start from these weights (a file written by save_rule, or the name of shipped weights) instead
+    # of a fresh initialisation; the rule's configuration must fit them
+    init_from: str | None = None
+    objective: str = "sum"
+    validation: bool = False
+    second_derivatives: bool = False
+    num_steps: int = 100  # optimizee steps per trajectory ("epoch" of the paper)
+    unroll: int = 20  # steps per truncated unroll
+    # "fixed": num_steps // unroll unrolls of `unroll` steps; "heavy_tailed" (Wichrowska et al.): per
+    # trajectory 1 + round(Exp(num_unrolls_scale)) unrolls of unroll_min + round(Exp(unroll_scale)) steps
+    unroll_schedule: str = "fixed"
+    num_unrolls_scale: float = 40.0
+    unroll_scale: float = 200.0
+    unroll_min: int = 50
+    max_trajectory_steps: int | None = None  # caps a heavy-tailed trajectory's length
+    epochs: int = 100  # trajectories
+    meta_optimizer: str = "Adam"
+    meta_lr: float = 1e-3
+    meta_optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
+    clip_grad_norm: float | None = None
+    clip_grad_value: float | None = None  # elementwise clip of the meta-gradient (original code: 1e4)
+    seed: int = 0
+    eval_every: int = 0  # epochs between evaluations (0: never)
+    eval_tasks: int = 10  # trajectories per evaluation (the same ones every time)
+    eval_steps: int | None = None  # default num_steps
+    # "final_loss": mean final loss; "log_ratio": mean of log(final loss / initial loss) (for ensembles
+    # of problems whose losses differ by orders of magnitude)
+    eval_metric: str = "final_loss"
+    checkpoint_every: int = 10  # epochs between checkpoints
+    log_every: int = 1  # epochs between updates of the progress bar's text (it is shown on a terminal only)
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"MetaConfig: objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.unroll_schedule not in ("fixed", "heavy_tailed"):
+            raise ValueError(f"MetaConfig: unroll_schedule must be 'fixed' or 'heavy_tailed', got {self.unroll_schedule!r}")
+        if self.unroll_schedule == "heavy_tailed" and not (self.num_unrolls_scale >= 0 and self.unroll_scale >= 0
+                                                            and self.unroll_min >= 1):
+            raise ValueError("MetaConfig: heavy_tailed needs num_unrolls_scale >= 0, unroll_scale >= 0 and unroll_min >= 1, "
+                             f"got {self.num_unrolls_scale}, {self.unroll_scale}, {self.unroll_min}")
+        if self.max_trajectory_steps is not None and self.max_trajectory_steps < 1:
+            raise ValueError(f"MetaConfig: max_trajectory_steps must be >= 1 or null, got {self.max_trajectory_steps}")
+        if self.clip_grad_value is not None and not self.clip_grad_value > 0:
+            raise ValueError(f"MetaConfig: clip_grad_value must be > 0 or null, got {self.clip_grad_value}")
+        if self.unroll < 1 or self.num_steps < 1 or self.num_steps % self.unroll:
+            raise ValueError(f"MetaConfig: num_steps ({self.num_steps}) must be a positive multiple of unroll ({self.unroll})")
+        if self.epochs < 0:
+            raise ValueError(f"MetaConfig: epochs must be >= 0, got {self.epochs}")
+        if not hasattr(torch.optim, self.meta_optimizer):
+            raise ValueError(f"MetaConfig: meta_optimizer must name a torch.optim class, got {self.meta_optimizer!r}")
+        if self.eval_every < 0 or (self.eval_every and self.eval_tasks < 1):
+            raise ValueError(f"MetaConfig: eval_every must be >= 0 and eval_tasks >= 1 when evaluating, got "
+                             f"{self.eval_every} and {self.eval_tasks}")
+        if self.eval_metric not in ("final_loss", "log_ratio"):
+            raise ValueError(f"MetaConfig: eval_metric must be 'final_loss' or 'log_ratio', got {self.eval_metric!r}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"MetaConfig: checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"MetaConfig: clip_grad_norm must be > 0 or null, got {self.clip_grad_norm}")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "MetaConfig":
+        with open(path) as f:
+            raw = json.load(f)
+        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"MetaConfig: unknown keys {unknown} in {path}")
+        return cls(**raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Config keys that do not change the training trajectory: a run may be resumed with other values
+# (e.g. more epochs).
+RESUME_FREE = ("epochs", "log_every", "threads", "checkpoint_every")
+
+
+class MetaTrainer:
+    """Meta-trains an update rule on a task family (see the module docstring).
+
+    Files in ``out_dir``: ``config.json``; ``log.jsonl`` (one JSON object per epoch, plus evaluation
+    records); ``checkpoint.pt`` (written atomically every ``checkpoint_every`` epochs and at the end:
+    rule, meta-optimizer, random generator, counters — ``resume=True`` continues from it and gives
+    bitwise the same run as one never stopped, on CPU; ``epochs`` may be raised to train longer); ``best.pt`` (the rule with the lowest
+    evaluation loss, :func:`save_rule` format); ``final.pt``; ``curves.png``.
+    """
+
+    def __init__(self, config: MetaConfig, out_dir: str | os.PathLike, rule: nn.Module | None = None,
+                 family: TaskFamily | None = None, resume: bool = False):
+        self.config = config
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)  # the rule's initial weights
+        self.rule = rule if rule is not None else make_rule(config.rule, **config.rule_kwargs)
+        if config.init_from:
+            self.rule.load_state_dict(init_weights(config.init_from))
+        self.family = family if family is not None else make_family(config.task, **config.task_kwargs)
+        opt_cls = getattr(torch.optim, config.meta_optimizer)
+        self.meta_opt = opt_cls(self.rule.parameters(), lr=config.meta_lr, **config.meta_optimizer_kwargs)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.epoch = 0
+        self.skipped = 0
+        self.best: float | None = None
+        self.log_path = self.out / "log.jsonl"
+        self.ckpt_path = self.out / "checkpoint.pt"
+        if resume and self.ckpt_path.is_file():
+            self._load_checkpoint()
+        else:  # a fresh run: nothing of an earlier run in out_dir may pass for this one's
+            for name in ("log.jsonl", "checkpoint.pt", "best.pt", "final.pt", "curves.png"):
+                (self.out / name).unlink(missing_ok=True)
+            with open(self.out / "config.json", "w") as f:
+                json.dump(config.to_dict(), f, indent=2)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _trajectory_config(self) -> str:
+        """The config keys a resumed run must share with the checkpoint (all but RESUME_FREE)."""
+        d = {k: v for k, v in self.config.to_dict().items() if k not in RESUME_FREE}
+        return json.dumps(d, sort_keys=True)
+
+    def _checkpoint(self) -> None:
+        lines = sum(1 for _ in open(self.log_path)) if self.log_path.exists() else 0
+        save_checkpoint({
+            "epoch": self.epoch,
+            "skipped": self.skipped,
+            "best": self.best,
+            "rule": self.rule.state_dict(),
+            "meta_opt": self.meta_opt.state_dict(),
+            "generator": self.generator.get_state(),
+            "log_lines": lines,
+            "config": self._trajectory_config(),
+        }, self.ckpt_path)
+
+    def _load_checkpoint(self) -> None:
+        ck = load_checkpoint(self.ckpt_path)
+        if ck["config"] != self._trajectory_config():
+            raise ValueError(f"MetaTrainer: {self.ckpt_path} was written with another config; resume with the "
+                             f"same config (only {', '.join(RESUME_FREE)} may change) or start a new out_dir")
+        self.epoch, self.skipped, self.best = ck["epoch"], ck["skipped"], ck["best"]
+        self.rule.load_state_dict(ck["rule"])
+        self.meta_opt.load_state_dict(ck["meta_opt"])
+        self.generator.set_state(ck["generator"])
+        if self.log_path.exists():  # drop records written after the checkpoint
+            with open(self.log_path) as f:
+                kept = f.readlines()[: ck["log_lines"]]
+            with open(self.log_path, "w") as f:
+                f.writelines(kept)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- one trajectory ------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, Any]:
+        cfg = self.config
+        task = self.family.sample(self.generator)
+        carry = start(self.rule, task, self.generator)
+        meta_losses, skipped, norms = [], 0, []
+        for length in self.schedule():
+            self.meta_opt.zero_grad(set_to_none=True)
+            meta_loss, carry, losses = unroll(self.rule, carry, length, self.generator, cfg.objective,
+                                              cfg.validation, cfg.second_derivatives)
+            ok = bool(torch.isfinite(meta_loss))
+            if ok:
+                meta_loss.backward()
+                grads = [p.grad for p in self.rule.parameters() if p.grad is not None]
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.tensor(0.0)
+                ok = bool(torch.isfinite(norm))
+            if not ok:  # skip the meta-step; the trajectory has diverged: stop it
+                skipped += 1
+                self.meta_opt.zero_grad(set_to_none=True)
+                break
+            if cfg.clip_grad_value is not None:
+                torch.nn.utils.clip_grad_value_(self.rule.parameters(), cfg.clip_grad_value)
+            if cfg.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.rule.parameters(), cfg.clip_grad_norm)
+            self.meta_opt.step()
+            meta_losses.append(float(meta_loss.detach()))
+            norms.append(float(norm))
+        self.skipped += skipped
+        return {"epoch": self.epoch + 1, "task": getattr(task, "name", type(task).__name__), "steps": carry.step,
+                "meta_loss": sum(meta_losses) / len(meta_losses) if meta_losses else None,
+                "final_loss": losses[-1] if meta_losses else None,
+                "grad_norm": max(norms) if norms else None, "skipped": skipped}
+
+    def schedule(self) -> list[int]:
+        """The unroll lengths of the next trajectory (drawn with the trainer's generator when heavy-tailed)."""
+        cfg = self.config
+        if cfg.unroll_schedule == "fixed":
+            return [cfg.unroll] * (cfg.num_steps // cfg.unroll)
+        g = self.generator
+        exp = lambda scale: round(float(torch.empty(1).exponential_(1.0, generator=g)) * scale)  # noqa: E731
+        n = 1 + exp(cfg.num_unrolls_scale)
+        lengths = [cfg.unroll_min + exp(cfg.unroll_scale) for _ in range(n)]
+        if cfg.max_trajectory_steps is not None:
+            out, total = [], 0
+            for length in lengths:
+                if total >= cfg.max_trajectory_steps:
+                    break
+                out.append(min(length, cfg.max_trajectory_steps - total))
+                total += out[-1]
+            lengths = out
+        return lengths
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean final loss (or, with ``eval_metric="log_ratio"``, mean log(final / initial loss)) of the
+        rule over ``eval_tasks`` fixed trajectories (the same ones every time); NaN if any diverged."""
+        cfg = self.config
+        g = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+        finals = []
+        for _ in range(cfg.eval_tasks):
+            task = self.family.sample(g)
+            losses, _ = run_rule(self.rule, task, cfg.eval_steps or cfg.num_steps, g)
+            if cfg.eval_metric == "log_ratio":
+                finals.append(math.log(max(losses[-1], LOG_EPS) / max(losses[0], LOG_EPS))
+                              if math.isfinite(losses[-1]) else math.nan)
+            else:
+                finals.append(losses[-1])
+        return sum(finals) / len(finals)
+
+    def run(self) -> nn.Module:
+        """Trains until ``config.epochs``; returns the rule (with the final weights)."""
+        cfg = self.config
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        bar = progress(total=cfg.epochs, initial=self.epoch, desc="meta-train", unit="epoch")
+        while self.epoch < cfg.epochs:
+            t0 = time.time()
+            rec = self.train_epoch()
+            self.epoch += 1
+            rec["time"] = round(time.time() - t0, 4)
+            text = f"meta-loss {rec['meta_loss']:.4g}" if rec["meta_loss"] is not None else "meta-loss non-finite"
+            if cfg.eval_every and self.epoch % cfg.eval_every == 0:
+                ev = self.evaluate()
+                key = "eval_final_loss" if cfg.eval_metric == "final_loss" else "eval_log_ratio"
+                rec[key] = ev
+                if math.isfinite(ev) and (self.best is None or ev < self.best):
+                    self.best = ev
+                    save_rule(self.rule, self.out / "best.pt", extra={"epoch": self.epoch, key: ev})
+                text += f" eval {ev:.4g} (best {self.best:.4g})"
+            if self.skipped:
+                text += f" skipped {self.skipped}"
+            self._log(rec)
+            bar.update(1)
+            if self.epoch % max(1, cfg.log_every) == 0 or self.epoch == cfg.epochs:
+                bar.set_postfix_str(text, refresh=False)
+            if self.epoch % max(1, cfg.checkpoint_every) == 0 or self.epoch == cfg.epochs:
+                self._checkpoint()
+        bar.close()
+        save_rule(self.rule, self.out / "final.pt", extra={"epoch": self.epoch})
+        try:
+            plot_log(self.log_path, self.out / "curves.png")
+        except ImportError:
+            pass
+        return self.rule

@@ -1,0 +1,276 @@
+"""The hierarchical learned optimizer (Wichrowska et al. 2017) as a ``torch.optim`` optimizer; its
+network, reference step and meta-training rule are in :mod:`learnedopt.rules.hierarchical`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .. import pretrained as _pretrained
+from ..rules.hierarchical import (K_D2, K_LOG_LR, K_STEPPED, HierarchicalNet, HierState, device_values,
+                                  step_reference)
+from ._base import _LearnedOptimizer, check_gradients
+
+__all__ = ["HierarchicalOptimizer", "DEFAULT_HIERARCHICAL"]
+
+
+DEFAULT_HIERARCHICAL = "hierarchical-ensemble"
+
+
+class HierarchicalOptimizer(_LearnedOptimizer):
+    r"""The hierarchical learned optimizer of Wichrowska et al. 2017 ("Learned Optimizers that Scale and
+    Generalize"): a per-coordinate LSTM, a per-tensor GRU and a global GRU (see
+    :mod:`learnedopt.rules.hierarchical` for the maths). Per coordinate it keeps momenta at 4 timescales
+    with a learned decay, their running mean squares (gradient-scale normalisation) and a learned log
+    learning rate; the update of a tensor is
+
+    .. math::
+        \theta \leftarrow \theta - \text{lr}\cdot e^{\ell + \text{offset}}\cdot \hat d,
+
+    with :math:`\hat d` the network's direction normalised to unit RMS over the tensor and
+    :math:`\ell` the coordinate's (learned, adapted every step) log learning rate, which starts at 0:
+    ``lr`` is the initial learning rate, and then a plain multiplier (``lr = 0`` leaves the parameters
+    unchanged; it may differ per group and follows ``torch.optim.lr_scheduler``).
+
+    Each ``step()`` runs one fused in-place op (``torch.ops.learnedopt.hier_step_``) over all
+    parameters for the per-coordinate part — momenta, mean squares, features, the LSTM cell, the
+    read-outs, the new log learning rates and the update — and a handful of small tensor ops for the
+    per-tensor and global RNNs. No host synchronisation on CUDA.
+
+    Args:
+        params: parameters or parameter groups, as any ``torch.optim`` optimizer (one device).
+        lr: the initial learning rate (see above). The default, 1e-4, is the centre of the initial
+            learning rates the shipped weights were meta-trained from (the original code's
+            exp(U(ln 1e-6, ln 1e-2)) per coordinate); the network raises it where it can. Starting
+            far above it (1e-2 and up) can overshoot: docs/hierarchical.md has the measurements.
+        net: a :class:`~learnedopt.rules.hierarchical.HierarchicalNet`; default: the shipped pretrained
+            weights ``pretrained``.
+        pretrained: the name of shipped weights (``learnedopt.pretrained.available()``); default
+            ``"hierarchical-ensemble"`` unless ``net`` is given.
+        state_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` (half the state's bytes; compute
+            stays float32). Float64 parameters always keep float64 state. ``load_state_dict`` casts a
+            checkpoint's per-coordinate state to this dtype (a bfloat16 run resumes in float32 exactly).
+        fused: ``None`` (default: the fused op when it can run this network), ``True`` (require it) or
+            ``False`` (the pure-PyTorch reference, :func:`learnedopt.rules.hierarchical.step_reference`).
+
+    State: ``optimizer.state[p]["coord"]`` (``[32, numel]``: the rows of
+    :class:`learnedopt.rules.hierarchical.Rows`), ``["tensor"]`` (the tensor GRU's state) and
+    ``["log_lr_sum"]``; the global GRU's state is ``optimizer.global_state`` (saved in the state dict).
+    The problem the network sees is all parameters that have a gradient in a step: its global RNN
+    reads their mean tensor state, and the relative log learning rate is against their mean.
+
+    Gradients: parameters without ``.grad`` are skipped; sparse or complex gradients raise. A
+    parameter whose gradient holds a NaN or an inf is **skipped for that step** (neither it nor any of
+    its state changes, and the global RNN does not see it). With ``torch.amp.GradScaler`` the gradients
+    are unscaled inside the op and a step with inf/NaN found is skipped entirely.
+    """
+
+    _COPIED = {"net": None, "pretrained": None, "state_dtype": torch.float32, "fused": None, "global_state": None}
+    _CACHES = ("_weights_cache", "_numels_cache")
+
+    def __init__(self, params, lr: float = 1e-4, net=None, pretrained: str | None = None,
+                 state_dtype: torch.dtype = torch.float32, fused: bool | None = None):
+
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"HierarchicalOptimizer: lr must be a finite number >= 0, got {lr!r}")
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"HierarchicalOptimizer: state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
+        if fused not in (None, True, False):
+            raise ValueError(f"HierarchicalOptimizer: fused must be None, True or False, got {fused!r}")
+        if net is not None and pretrained is not None:
+            raise ValueError("HierarchicalOptimizer: pass net or pretrained, not both")
+        if net is None:
+            pretrained = pretrained or DEFAULT_HIERARCHICAL
+            net = _pretrained.load_net(pretrained)
+        if not isinstance(net, HierarchicalNet):
+            raise TypeError(f"HierarchicalOptimizer: net must be a learnedopt.rules.hierarchical.HierarchicalNet, got "
+                            f"{type(net).__name__}")
+        if net.attention:
+            raise ValueError("HierarchicalOptimizer: attention=True (the look-ahead point) is supported by the "
+                             "meta-training rule (learnedopt.rules.hierarchical.step_reference) only, not by the optimizer")
+        if fused and not net.fusable:
+            raise ValueError("HierarchicalOptimizer: fused=True needs a network with hidden=10 and scales=4 (the "
+                             f"fused kernels' sizes), got {net.config()}")
+        self.net = net
+        self.pretrained = pretrained
+        self.state_dtype = state_dtype
+        self.fused = fused
+        super().__init__(params, dict(lr=lr))
+        self._weights_cache: dict[Any, tuple] = {}
+        self._numels_cache: dict[Any, Tensor] = {}
+        # created here, only ever updated in place in step() (torch.compile keeps in-place updates)
+        self.global_state = self._initial_global_state()
+
+    def _initial_global_state(self) -> Tensor:
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        return self.net.global0.detach().to(device=device, dtype=torch.float32).clone()
+
+    def _use_fused(self, device: torch.device) -> bool:
+        if self.fused is False or not self.net.fusable:
+            return False
+        if self.fused is True:
+            ops._require(device, "HierarchicalOptimizer.step")
+            return True
+        return ops.extension_available() and (device.type == "cpu" or (device.type == "cuda" and ops.cuda_built()))
+
+    def _packed(self, device: torch.device) -> Tensor:
+        return self._net_cached(device, lambda d: self.net.packed_coord_weights().to(d))
+
+    def _numels(self, params: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The parameters' sizes as a tensor on their device, made there once (no host copy per step)."""
+
+        sizes = [p.numel() for p in params]
+        if torch.compiler.is_compiling():
+            return device_values(sizes, dtype, device)
+        key = (device, dtype, tuple(sizes))
+        if key not in self._numels_cache:
+            self._numels_cache.clear()
+            self._numels_cache[key] = device_values(sizes, dtype, device)
+        return self._numels_cache[key]
+
+    def _state_dtypes(self, p: Tensor) -> dict[str, torch.dtype]:
+        """The dtype of each state entry of parameter p: float64 for float64 parameters; otherwise
+        state_dtype for the per-coordinate rows and float32 for the rest. Used when the state is
+        created and when it is loaded (as torch.optim casts loaded state to its own policy)."""
+        if p.dtype == torch.float64:
+            return {"coord": torch.float64, "tensor": torch.float64, "log_lr_sum": torch.float64}
+        return {"coord": self.state_dtype, "tensor": torch.float32, "log_lr_sum": torch.float32}
+
+    def _init_state(self, p: Tensor, state: dict) -> None:
+        dts = self._state_dtypes(p)
+        state["coord"] = self.net.initial_coord_state(p.numel(), 0.0, dtype=dts["coord"], device=p.device)
+        state["tensor"] = self.net.tensor0.detach().to(device=p.device, dtype=dts["tensor"]).clone()
+        state["log_lr_sum"] = torch.zeros((), dtype=dts["log_lr_sum"], device=p.device)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimization step; ``closure`` (re-evaluating the loss) is optional."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Every parameter is checked before any state is created: a refused step leaves the
+        # optimizer as it was.
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return loss
+        check_gradients("HierarchicalOptimizer", params)
+        device = params[0].device
+        for p in params:
+            if p.device != device:
+                raise RuntimeError(f"HierarchicalOptimizer: every parameter must be on one device (its global RNN "
+                                   f"couples them all), got {device} and {p.device}")
+        if self.global_state.device != device and not any(isinstance(k, Tensor) for k in self.state):
+            # The model moved (model.cuda()) or was materialised from the meta device after the
+            # optimizer was built and before its first step: the global state follows it.
+            self.global_state = (self._initial_global_state() if self.global_state.is_meta
+                                 else self.global_state.to(device))
+        if self.global_state.device != device:
+            raise RuntimeError(f"HierarchicalOptimizer: the parameters are on {device}, its global state on "
+                               f"{self.global_state.device}")
+        grads, states, lrs = [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "coord" not in state:
+                    self._init_state(p, state)
+                grads.append(p.grad)
+                states.append(state)
+                lrs.append(float(group["lr"]))
+        cdt = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
+        glob = self.global_state.to(cdt)
+        tensor_prev = torch.stack([s["tensor"].to(cdt) for s in states])
+        numels = self._numels(params, cdt, device)
+        log_lr_sums = torch.stack([s["log_lr_sum"].to(cdt) for s in states])
+        mean_log_lr = log_lr_sums.sum() / numels.sum().clamp_min(1)
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        net = self.net
+        if self._use_fused(device):
+            coord_bias = net.coord_bias(tensor_prev.float(), glob.float()).detach()
+            sums = torch.ops.learnedopt.hier_step_(
+                params, grads, [s["coord"] for s in states], coord_bias.contiguous(), mean_log_lr.float(),
+                self._packed(device), lrs,
+                None if grad_scale is None else grad_scale.to(device),
+                None if found_inf is None else found_inf.to(device))
+
+            sums = sums.to(cdt)
+            stepped = sums[:, K_STEPPED] > 0
+            tin = sums[:, :K_D2] / numels.clamp_min(1)[:, None]
+            new_log_lr_sums = sums[:, K_LOG_LR]
+            new_t, new_g = net.advance_rnns(tin, tensor_prev, glob, stepped)
+        else:
+            stepped, new_t, new_g, new_log_lr_sums = self._reference_step(params, grads, states, lrs, tensor_prev,
+                                                                          glob, grad_scale, found_inf)
+        new_t = new_t.detach()
+        torch._foreach_copy_([s["tensor"] for s in states], list(new_t.to(states[0]["tensor"].dtype).unbind(0)))
+        new_sums = torch.where(stepped, new_log_lr_sums, log_lr_sums)
+        torch._foreach_copy_([s["log_lr_sum"] for s in states], list(new_sums.unbind(0)))
+        self.global_state.copy_(new_g.detach())
+        return loss
+
+    def _reference_step(self, params, grads, states, lrs, tensor_prev, glob, grad_scale, found_inf):
+        """The whole step through learnedopt.rules.hierarchical.step_reference (the meta-training rule's step)
+        on the nonempty parameters, written back in place. Returns (stepped [T], new tensor states
+        [T, G], new global state, new per-tensor log-lr sums [T])."""
+
+        R = self.net.rows
+        cdt = tensor_prev.dtype
+        device = params[0].device
+        T = len(params)
+        idx = [i for i, p in enumerate(params) if p.numel()]
+        no = torch.zeros((), dtype=torch.bool, device=device)
+        if not idx:
+            return no.expand(T), tensor_prev, glob, torch.zeros(T, dtype=cdt, device=device)
+        grads = [grads[i].to(cdt) for i in idx]
+        if grad_scale is not None:
+            grads = [g / grad_scale.to(device=device, dtype=cdt) for g in grads]
+        ok = torch.stack([torch.isfinite(g).all() for g in grads])
+        if found_inf is not None:
+            ok = ok & (found_inf.to(device) == 0)
+        rows = torch.cat([states[i]["coord"].to(cdt) for i in idx], 1)
+        state = HierState(rows, torch.stack([tensor_prev[i] for i in idx]), glob, rows.new_zeros(0))
+        lr = device_values([lrs[i] for i in idx], cdt, device)
+        new_params, new = step_reference(self.net, [params[i] for i in idx], grads, state, lr, stepped=ok)
+        new_rows = new.coord.split([params[i].numel() for i in idx], 1)
+        for i, p, r in zip(idx, new_params, new_rows):
+            params[i].copy_(p)
+            states[i]["coord"].copy_(r)
+        # Back to all T parameters (the zero-size ones take no step), by stacking: indexing with a
+        # list of positions would copy that list to the device.
+        pos = {i: j for j, i in enumerate(idx)}
+        log_lr_sums = [r[R.log_lr].sum() for r in new_rows]
+        zero = torch.zeros((), dtype=cdt, device=device)
+        stepped = torch.stack([ok[pos[i]] if i in pos else no for i in range(T)])
+        new_t = torch.stack([new.tensor[pos[i]] if i in pos else tensor_prev[i] for i in range(T)])
+        new_log_lr_sums = torch.stack([log_lr_sums[pos[i]] if i in pos else zero for i in range(T)])
+        return stepped, new_t, new.glob, new_log_lr_sums
+
+    # -- checkpoints (see _LearnedOptimizer) ----------------------------------------------------
+    def _save_extra(self, state_dict: dict[str, Any]) -> None:
+        state_dict["net"] = {"pretrained": self.pretrained, "config": self.net.config(),
+                             "weights": {k: v.detach().clone() for k, v in self.net.state_dict().items()}}
+        state_dict["global_state"] = self.global_state.detach().clone()
+
+    def _load_extra(self, state_dict: dict[str, Any]) -> None:
+
+        net_sd = state_dict.pop("net", None)
+        glob = state_dict.pop("global_state", None)
+        if net_sd is not None:
+            if net_sd["config"] != self.net.config():
+                self.net = HierarchicalNet(**net_sd["config"]).to(next(self.net.parameters()).device)
+            self.net.load_state_dict(net_sd["weights"])
+            self.pretrained = net_sd.get("pretrained")
+        self._loaded_global = glob
+
+    def _after_load(self) -> None:
+        glob = self.__dict__.pop("_loaded_global", None)
+        self.global_state = self._initial_global_state()
+        if glob is not None:
+            self.global_state.copy_(glob)

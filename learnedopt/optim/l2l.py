@@ -1,0 +1,163 @@
+"""The L2L learned optimizer (Andrychowicz et al. 2016) as a ``torch.optim`` optimizer; its network
+and meta-training rule are in :mod:`learnedopt.rules.l2l`, its reference step is
+:func:`learnedopt.reference.l2l_step_`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .. import pretrained as _pretrained
+from ..rules.l2l import CoordinateLSTMNet
+from ._base import _LearnedOptimizer, check_gradients, state_dtype_of
+
+__all__ = ["L2LOptimizer", "DEFAULT_L2L"]
+
+DEFAULT_L2L = "l2l-mnist"
+
+
+class L2LOptimizer(_LearnedOptimizer):
+    r"""The learned optimizer of Andrychowicz et al. 2016 ("Learning to learn by gradient descent by
+    gradient descent"): a coordinatewise LSTM network reads each gradient coordinate (and its own
+    per-coordinate hidden state) and proposes that coordinate's update.
+
+    For every parameter :math:`\theta` with gradient :math:`g`:
+
+    .. math::
+        g' = g + \lambda\,\theta, \qquad (u, s') = m(g', s; \phi), \qquad
+        \theta \leftarrow \theta + \text{lr}\cdot u
+
+    where :math:`m` is ``net`` (see ``net``; :math:`u` includes its
+    ``output_scale``), :math:`s` the LSTM state of each coordinate and :math:`\lambda` the weight decay.
+    Each ``step()`` runs one fused in-place op per parameter group and device
+    (``torch.ops.learnedopt.l2l_step_``): preprocessing, the LSTM layers, the read-out and the update,
+    with the state kept in ``optimizer.state[p]["lstm"]`` (``[numel, 2 * sum(hidden)]``, float32 —
+    float64 for float64 parameters — whatever the parameter's dtype).
+
+    Args:
+        params: parameters or parameter groups, as any ``torch.optim`` optimizer.
+        net: the update rule, a :class:`~learnedopt.rules.l2l.CoordinateLSTMNet`; its parameters are
+            the meta-parameters (not changed by ``step``). Default: the shipped weights
+            ``pretrained``. ``net=CoordinateLSTMNet()`` gives a freshly initialised, *untrained* rule
+            (for tests and meta-training experiments only: it makes a regression diverge).
+        pretrained: the name of weights shipped in the package (``learnedopt.pretrained.available()``);
+            default ``"l2l-mnist"`` (meta-trained on an MNIST MLP) unless ``net`` is given.
+        lr: multiplies the update (``lr = 0`` leaves parameters unchanged). May differ per group and
+            follows ``torch.optim.lr_scheduler``.
+        weight_decay: L2 penalty added to the gradient before the network reads it.
+
+    Gradients: parameters without ``.grad`` are skipped; sparse or complex gradients raise. A
+    parameter whose gradient holds a NaN or an inf is **skipped for that step**: neither it nor its
+    LSTM state changes. With ``torch.amp.GradScaler`` the gradients are unscaled inside the op and a
+    step with inf/NaN found is skipped entirely (``_step_supports_amp_scaling``). No host
+    synchronisation.
+
+    ``state_dict()`` holds the LSTM states and the network (its configuration and weights), so
+    ``load_state_dict`` restores the same optimizer; it loads with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, params, net: CoordinateLSTMNet | None = None, lr: float = 1.0, weight_decay: float = 0.0,
+                 pretrained: str | None = None):
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"L2LOptimizer: lr must be a finite number >= 0, got {lr!r}")
+        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"L2LOptimizer: weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        if net is not None and pretrained is not None:
+            raise ValueError("L2LOptimizer: pass net or pretrained, not both")
+        if net is None:
+            pretrained = pretrained or DEFAULT_L2L
+            net = _pretrained.load_net(pretrained)
+        if not isinstance(net, CoordinateLSTMNet):
+            raise TypeError(f"L2LOptimizer: net must be a learnedopt.rules.l2l.CoordinateLSTMNet, got "
+                            f"{type(net).__name__}")
+        self.net = net
+        self.pretrained = pretrained
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        self._weights_cache: dict[Any, tuple] = {}
+
+    # -- the network's weights on each device, detached ------------------------------------------
+    def _weights(self, device: torch.device):
+        return self._net_cached(device, self._detached_weights)
+
+    def _detached_weights(self, device: torch.device):
+        net = self.net
+        L = len(net.layers)
+        w = [net.layer_weights(l) for l in range(L)]
+        weights = (
+            [t[0].detach().to(device) for t in w],
+            [t[1].detach().to(device) for t in w],
+            [t[2].detach().to(device) for t in w],
+            net.w_out.detach().to(device),
+            net.b_out.detach().to(device),
+        )
+        return weights
+
+    def _init_state(self, p: Tensor) -> Tensor:
+        width = 2 * sum(self.net.layers)
+        return torch.zeros(p.numel(), width, dtype=self._state_dtypes(p)["lstm"], device=p.device)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimization step; ``closure`` (re-evaluating the loss) is optional."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        # Every parameter is checked before any state is created: a refused step leaves the
+        # optimizer as it was (no state on a device it cannot step on).
+        stepped = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        check_gradients("L2LOptimizer", stepped)
+        for p in stepped:
+            ops._require(p.device, "L2LOptimizer.step")
+        for group in self.param_groups:
+            by_device: dict[torch.device, tuple[list, list, list]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "lstm" not in state:
+                    state["lstm"] = self._init_state(p)
+                params, grads, states = by_device.setdefault(p.device, ([], [], []))
+                params.append(p)
+                grads.append(p.grad)
+                states.append(state["lstm"])
+            for device, (params, grads, states) in by_device.items():
+                w_ih, w_hh, b, w_out, b_out = self._weights(device)
+                torch.ops.learnedopt.l2l_step_(
+                    params, grads, states, w_ih, w_hh, b, w_out, b_out,
+                    float(group["lr"]), float(group["weight_decay"]), self.net.output_scale, self.net.p,
+                    self.net.preprocess == "log_sign",
+                    None if grad_scale is None else grad_scale.to(device),
+                    None if found_inf is None else found_inf.to(device),
+                )
+        return loss
+
+    # -- checkpoints (see _LearnedOptimizer) ----------------------------------------------------
+    def _state_dtypes(self, p: Tensor) -> dict[str, torch.dtype]:
+        return {"lstm": state_dtype_of(p)}
+
+    def _save_extra(self, state_dict: dict[str, Any]) -> None:
+        net = self.net
+        state_dict["net"] = {
+            "pretrained": self.pretrained,
+            "layers": list(net.layers),
+            "preprocess": net.preprocess,
+            "p": net.p,
+            "output_scale": net.output_scale,
+            "weights": {k: v.detach().clone() for k, v in net.state_dict().items()},
+        }
+
+    def _load_extra(self, state_dict: dict[str, Any]) -> None:
+        net_sd = state_dict.pop("net", None)
+        if net_sd is not None:
+            cfg = (tuple(net_sd["layers"]), net_sd["preprocess"], float(net_sd["p"]), float(net_sd["output_scale"]))
+            if cfg != (self.net.layers, self.net.preprocess, self.net.p, self.net.output_scale):
+                self.net = CoordinateLSTMNet(*cfg).to(next(self.net.parameters()).device)
+            self.net.load_state_dict(net_sd["weights"])
+            self.pretrained = net_sd.get("pretrained")

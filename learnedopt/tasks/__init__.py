@@ -1,0 +1,42 @@
+"""Problems to optimize, for meta-training and evaluation (functional tasks: see
+:mod:`learnedopt.tasks.base` for the interface).
+
+* :mod:`~learnedopt.tasks.base`: ``Task``, ``TaskFamily``, ``FixedFamily``;
+* :mod:`~learnedopt.tasks.classic`: ``simple`` (x²) and ``quadratic`` (Andrychowicz et al. 2016);
+* :mod:`~learnedopt.tasks.vision`: ``mnist`` (MLP), ``mnist_conv``, ``digits_resnet``;
+* :mod:`~learnedopt.tasks.ensemble`: the meta-training ensemble of Wichrowska et al. 2017;
+* :mod:`~learnedopt.tasks.data`: the small real data sets (MNIST, 8×8 digits) that ship with
+  installed packages.
+
+:func:`make_family` builds a family by name (the ``task`` key of a meta-training config).
+"""
+
+from __future__ import annotations
+
+from .base import FixedFamily, Task, TaskFamily, classification_metrics
+from .classic import QuadraticFamily, QuadraticTask, SimpleTask
+from .ensemble import default_ensemble
+from .vision import ACTIVATIONS, DigitsResNetTask, MNISTConvTask, MNISTTask
+from . import data, ensemble  # noqa: F401  (submodules reachable as attributes)
+
+__all__ = ["Task", "TaskFamily", "SimpleTask", "QuadraticTask", "QuadraticFamily", "MNISTTask", "MNISTConvTask",
+           "DigitsResNetTask", "FixedFamily", "classification_metrics", "ACTIVATIONS",
+           "make_family", "FAMILIES"]
+
+
+def make_family(name: str, **kwargs) -> TaskFamily:
+    """A task family by name: ``"simple"``, ``"quadratic"`` (kwargs of :class:`QuadraticFamily`) or
+    ``"mnist"`` (kwargs of :class:`MNISTTask`)."""
+    if name not in FAMILIES:
+        raise ValueError(f"make_family: unknown task family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name](**kwargs)
+
+
+FAMILIES = {
+    "simple": lambda **kw: FixedFamily(SimpleTask(**kw)),
+    "quadratic": QuadraticFamily,
+    "mnist": lambda **kw: FixedFamily(MNISTTask(**kw)),
+    "ensemble": lambda **kw: default_ensemble(**kw),
+    "mnist_conv": lambda **kw: FixedFamily(MNISTConvTask(**kw)),
+    "digits_resnet": lambda **kw: FixedFamily(DigitsResNetTask(**kw)),
+}
