@@ -9,8 +9,9 @@ from conftest import requires_mnist
 from torch import nn
 
 import learnedopt
-from learnedopt import meta, tasks
-from learnedopt.meta import Carry, L2LRule, LearnedSGD, MetaConfig, MetaTrainer
+from learnedopt import meta, rules, tasks
+from learnedopt.rules import make_rule
+from learnedopt.meta import L2LRule, LearnedSGD, MetaConfig, MetaTrainer
 
 
 def _gen(seed=0):
@@ -304,20 +305,76 @@ def test_config_file_errors(tmp_path):
         MetaConfig(checkpoint_every=0)
 
 
-def test_save_and_load_rule(tmp_path):
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_save_and_load_rule(tmp_path, suffix):
     rule = L2LRule(layers=(3, 4), preprocess="log_sign", p=7.0, output_scale=0.5)
-    meta.save_rule(rule, tmp_path / "r.pt", extra={"note": "x"})
-    blob = torch.load(tmp_path / "r.pt", weights_only=True)
-    assert blob["kind"] == "l2l" and blob["extra"] == {"note": "x"}
-    back = meta.load_rule(tmp_path / "r.pt")
+    meta.save_rule(rule, tmp_path / f"r{suffix}", extra={"note": "x", "epoch": 3})
+    blob = rules.weights.read_rule_file(tmp_path / f"r{suffix}")
+    assert blob["kind"] == "l2l" and blob["extra"] == {"note": "x", "epoch": 3}
+    back = meta.load_rule(tmp_path / f"r{suffix}")
     assert back.net.layers == (3, 4) and back.net.p == 7.0 and back.net.output_scale == 0.5
     for a, b in zip(rule.parameters(), back.parameters()):
         assert torch.equal(a, b)
     s = LearnedSGD(0.25)
-    meta.save_rule(s, tmp_path / "s.pt")
-    assert meta.load_rule(tmp_path / "s.pt").lr.item() == 0.25
+    meta.save_rule(s, tmp_path / f"s{suffix}")
+    assert meta.load_rule(tmp_path / f"s{suffix}").lr.item() == 0.25
     with pytest.raises(ValueError, match="rule must be one of"):
-        meta.save_rule(nn.Linear(2, 2), tmp_path / "x.pt")
+        meta.save_rule(nn.Linear(2, 2), tmp_path / f"x{suffix}")
+    assert not (tmp_path / f"x{suffix}").exists()
+
+
+def test_rule_files_of_0_1_0_still_load(tmp_path):
+    """A .pt written as 0.1.0's save_rule wrote it (torch.save of kind / config / state_dict / extra)."""
+    rule = make_rule("hierarchical")
+    torch.save({"kind": "hierarchical", "config": rule.config(), "state_dict": rule.state_dict(),
+                "extra": {"epoch": 7}}, tmp_path / "old.pt")
+    back = meta.load_rule(tmp_path / "old.pt")
+    assert all(torch.equal(a, b) for a, b in zip(rule.state_dict().values(), back.state_dict().values()))
+    torch.save({"kind": "sgd", "config": {"lr": 0.5}, "state_dict": LearnedSGD(0.5).state_dict()}, tmp_path / "nx.pt")
+    assert meta.load_rule(tmp_path / "nx.pt").lr.item() == 0.5  # no "extra"
+
+
+def test_safetensors_rule_files_are_read_without_unpickling(tmp_path, monkeypatch):
+    meta.save_rule(L2LRule(layers=(3,)), tmp_path / "r.safetensors")
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("torch.load called on a safetensors file")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    assert meta.load_rule(tmp_path / "r.safetensors").net.layers == (3,)
+    for name in learnedopt.pretrained.available():  # the shipped weights too
+        assert all(torch.isfinite(t).all() for t in learnedopt.pretrained.load(name).parameters())
+
+
+def test_files_that_are_not_rules_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not a learnedopt rule"):
+        meta.load_rule(tmp_path / "other.safetensors")
+    torch.save({"state": {}}, tmp_path / "optimizer.pt")
+    with pytest.raises(ValueError, match="not a rule file.*got \\['state'\\]"):
+        meta.load_rule(tmp_path / "optimizer.pt")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        meta.load_rule(tmp_path / "missing.safetensors")
+
+
+def test_export_command_converts_a_run_to_safetensors(tmp_path, capsys):
+    from learnedopt.cli import main
+
+    rule = make_rule("l2l", layers=(4,))
+    meta.save_rule(rule, tmp_path / "best.pt", extra={"epoch": 12, "eval_final_loss": 0.5})
+    assert main(["export", str(tmp_path / "best.pt"), str(tmp_path / "w.safetensors")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    blob = rules.weights.read_rule_file(tmp_path / "w.safetensors")
+    assert blob["extra"] == {"epoch": 12, "eval_final_loss": 0.5} and blob["config"] == rule.config()
+    assert blob["state_dict"].keys() == rule.state_dict().keys()
+    assert all(torch.equal(v, blob["state_dict"][k]) for k, v in rule.state_dict().items())
+    with pytest.raises(SystemExit, match="must end in .safetensors"):
+        main(["export", str(tmp_path / "best.pt"), str(tmp_path / "w.pt")])
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["export", str(tmp_path / "nope.pt"), str(tmp_path / "x.safetensors")])
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 # -- tasks ----------------------------------------------------------------------------------------
@@ -350,3 +407,36 @@ def test_task_families_are_seeded():
     assert not torch.equal(a.W, fam.sample(_gen(6)).W)
     with pytest.raises(ValueError, match="unknown task family"):
         tasks.make_family("cifar")
+
+
+# -- progress bars ------------------------------------------------------------------------------
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what is written to it."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_is_quiet_off_a_terminal_and_shown_on_one(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.delenv("LEARNEDOPT_PROGRESS", raising=False)
+    MetaTrainer(_small_config(epochs=2), tmp_path / "a").run()
+    assert capsys.readouterr().err == ""  # pytest's captured stderr is not a terminal
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    MetaTrainer(_small_config(epochs=2), tmp_path / "b").run()
+    assert "meta-train" in term.text and "2/2" in term.text and "meta-loss" in term.text
+    monkeypatch.setenv("LEARNEDOPT_PROGRESS", "0")  # forced off, even on a terminal
+    term.text = ""
+    MetaTrainer(_small_config(epochs=1), tmp_path / "c").run()
+    assert term.text == ""
