@@ -84,6 +84,7 @@ except ImportError:  # run from a checkout that is not installed: use the checko
     sys.path.insert(0, str(REPO))
     import learnedopt
 from learnedopt import reference
+from learnedopt._progress import progress
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 QUICK_SIZES = [10_000, 100_000]
@@ -487,7 +488,7 @@ def main(argv=None, prog: str | None = None) -> dict:
         print(f"# {dev_name}: torch.mm {n}x{n} {args.dtype}: {mm[dev_name]['gflops']:.1f} GFLOP/s "
               f"(best {mm[dev_name]['gflops_best']:.1f});  copy {copy[dev_name]['bytes'] >> 20} MiB: "
               f"{copy[dev_name]['gbs']:.1f} GB/s (best {copy[dev_name]['gbs_best']:.1f})", flush=True)
-        for N in sizes:
+        for N in progress(sizes, desc=f"bench coord_lstm {dev_name}", unit="size"):
             rows += bench_case(device, N, args.hidden, args.input, dtype, args.warmup, repeat,
                                with_reference=not args.no_reference)
 

@@ -46,6 +46,7 @@ _spec.loader.exec_module(bcl)
 
 import learnedopt  # noqa: E402
 from learnedopt import meta, tasks  # noqa: E402
+from learnedopt._progress import progress  # noqa: E402
 
 
 def _unroll_fn(rule, task, unroll: int, seed: int):
@@ -142,10 +143,11 @@ def main(argv=None, prog: str | None = None) -> dict:
     print(f"# learnedopt meta-training benchmark (one unroll, forward + backward)  rev {info['git_rev']}  "
           f"torch {torch.__version__}\n# CPU: {info['cpu']} ({info['num_threads']} threads)", flush=True)
     rows = []
-    for hidden in args.hidden:
+    bar = progress(args.hidden, desc="bench-meta", unit="workload")
+    for hidden in bar:
         rows += bench_workload(hidden, args)
-        print(f"# mnist-mlp-{hidden}: fused {rows[-3]['median_ms']:.0f} ms, reference {rows[-2]['median_ms']:.0f} ms, "
-              f"task only {rows[-1]['median_ms']:.0f} ms", flush=True)
+        bar.set_postfix_str(f"mnist-mlp-{hidden}: fused {rows[-3]['median_ms']:.0f} ms, reference "
+                            f"{rows[-2]['median_ms']:.0f} ms, task only {rows[-1]['median_ms']:.0f} ms", refresh=False)
     res = {**info, "rows": rows}
     print()
     print(format_table(rows))

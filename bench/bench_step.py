@@ -37,7 +37,7 @@ never touched again). All implementations step the *same* parameter tensors one 
   net=HierarchicalNet(), state_dtype=float32 / bfloat16).step()`` (untrained weights, seed
   ``--seed``): one ``torch.ops.learnedopt.hier_step_`` over the list plus the tensor and global RNNs;
 * ``hier-ref``: the same optimizer with ``fused=False`` (the pure-PyTorch reference,
-  ``learnedopt.hierarchical.step_reference`` over the whole list; n/a above ``--max-ref-size``). Its agreement with the fused step is tested in
+  ``learnedopt.rules.hierarchical.step_reference`` over the whole list; n/a above ``--max-ref-size``). Its agreement with the fused step is tested in
   tests/test_hierarchical.py, not checked here.
 
 Timing (``time_calls`` of bench_coord_lstm): untimed warm-up steps (``--warmup``; default 2, 1 for
@@ -119,9 +119,10 @@ import model_shapes  # noqa: E402
 
 import learnedopt  # noqa: E402
 from learnedopt import reference  # noqa: E402
-from learnedopt.hierarchical import HierarchicalNet  # noqa: E402
-from learnedopt.nets import CoordinateLSTMNet  # noqa: E402
+from learnedopt._progress import progress  # noqa: E402
 from learnedopt.optim import HierarchicalOptimizer  # noqa: E402
+from learnedopt.rules.hierarchical import HierarchicalNet  # noqa: E402
+from learnedopt.rules.l2l import CoordinateLSTMNet  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -129,7 +130,7 @@ IMPLS = ["adam-foreach", "adam-fused", "l2l-fused", "l2l-ref", "hier-fused", "hi
 # hierarchical rows: (state dtype, fused)
 HIER = {"hier-fused": (torch.float32, True), "hier-fused-bf16": (torch.bfloat16, True), "hier-ref": (torch.float32, False)}
 HIER_LR = 1e-3
-HIER_ROWS = 32  # per-coordinate state rows (learnedopt.hierarchical.Rows, H = 10, S = 4)
+HIER_ROWS = 32  # per-coordinate state rows (learnedopt.rules.hierarchical.Rows, H = 10, S = 4)
 FULL_SIZES = [10_000, 100_000, 1_000_000, 10_000_000, 30_000_000]
 QUICK_SIZES = [10_000, 100_000, 1_000_000]
 MODELS = list(model_shapes.MODELS)
@@ -575,17 +576,21 @@ def main(argv=None, prog: str | None = None) -> dict:
             out_path = bcl.write_json(res, args.out, fname)
         return res
 
+    bar = progress(total=len(devices) * len(wl), desc="bench-step", unit="workload")
     for dev_name in devices:
         device = torch.device(dev_name)
         copy[dev_name] = bcl.bench_copy(device, (1 << 30) if dev_name == "cuda" else (256 << 20), warmup=1, repeat=5)
         print(f"# {dev_name}: copy {copy[dev_name]['bytes'] >> 20} MiB: {copy[dev_name]['gbs']:.1f} GB/s "
               f"(best {copy[dev_name]['gbs_best']:.1f})", flush=True)
         for name, kind, shapes in wl:
+            bar.set_postfix_str(f"{dev_name} {name}")
             new = bench_workload(device, name, kind, shapes, dtype, impls, args,
                                  l2l_cuda_na if dev_name == "cuda" else None)
             rows += new
-            print(_progress(new), flush=True)
+            bar.set_postfix_str(_progress(new), refresh=False)
+            bar.update(1)
             save(complete=False)
+    bar.close()
 
     res = save(complete=True)
     print()
