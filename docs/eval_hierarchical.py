@@ -11,7 +11,7 @@ ensemble has no convnets, no MNIST and no residual networks):
 * and the robustness to the initial learning rate: every method at lr = 1e-6 ... 1e-1, untuned, on the
   MNIST MLP and convnet.
 
-    python docs/eval_hierarchical.py --weights learnedopt/pretrained/hierarchical-ensemble.pt --out docs/eval/hierarchical
+    python docs/eval_hierarchical.py --weights learnedopt/pretrained/hierarchical-ensemble.safetensors --out docs/eval/hierarchical
 
 ``--tasks`` / ``--robustness-tasks`` choose a subset; their results replace those entries of the
 summary.json and lr-robustness.json already in ``--out`` and leave the others.
