@@ -176,13 +176,21 @@ def evaluate_cmd(args: list[str]) -> int:
     table = evaluate.format_table(result, title)
     print(table)
     if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        evaluate.save_result(result, out / "results.json")
-        (out / "table.md").write_text(table)
-        evaluate.plot_curves(result, out / "curves.png", title)
-        print(f"wrote {out}/results.json, table.md, curves.png")
+        (Path(a.out) / "table.md").parent.mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "table.md").write_text(table)
+        _write_result(result, a.out, "results.json", "curves.png", title, also="table.md")
     return 0
+
+
+def _write_result(result: dict, out_dir: str, json_name: str, png_name: str, title: str, also: str = "") -> None:
+    """The result of an evaluation as JSON and its loss curves as a PNG in ``out_dir``."""
+    from . import evaluate
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluate.save_result(result, out / json_name)
+    evaluate.plot_curves(result, out / png_name, title)
+    print(f"wrote {out}/{json_name}, {png_name}" + (f", {also}" if also else ""))
 
 
 def demo(args: list[str]) -> int:
@@ -223,11 +231,8 @@ def demo(args: list[str]) -> int:
     print("|---|" + "---|" * len(curves))
     for s in marks:
         print(f"| {s} | " + " | ".join(f"{c[s]:.4f}" for c in curves.values()) + " |")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    evaluate.save_result(result, out / "demo.json")
-    evaluate.plot_curves(result, out / "demo.png", title)
-    print(f"\nwrote {out}/demo.png and {out}/demo.json")
+    print()
+    _write_result(result, a.out, "demo.json", "demo.png", title)
     return 0
 
 

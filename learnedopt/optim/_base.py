@@ -3,13 +3,36 @@ their argument checks."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["_LearnedOptimizer", "check_gradients", "state_dtype_of"]
+from .. import pretrained as _pretrained
+
+__all__ = ["_LearnedOptimizer", "check_gradients", "check_nonnegative", "resolve_net", "state_dtype_of"]
+
+
+def check_nonnegative(owner: str, name: str, value) -> None:
+    """A hyper-parameter that must be a finite number >= 0 (``lr``, ``weight_decay``)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
+
+
+def resolve_net(owner: str, net, pretrained: str | None, default: str, net_type: type):
+    """The network an optimizer runs and the name of its shipped weights: ``net`` as given, or else
+    the shipped weights ``pretrained`` (``default`` when None). Returns ``(net, pretrained)``."""
+    if net is not None and pretrained is not None:
+        raise ValueError(f"{owner}: pass net or pretrained, not both")
+    if net is None:
+        pretrained = pretrained or default
+        net = _pretrained.load_net(pretrained)
+    if not isinstance(net, net_type):
+        raise TypeError(f"{owner}: net must be a {net_type.__module__}.{net_type.__qualname__}, got "
+                        f"{type(net).__name__}")
+    return net, pretrained
 
 
 def check_gradients(name: str, params: list[Tensor]) -> None:

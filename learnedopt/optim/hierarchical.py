@@ -3,17 +3,15 @@ network, reference step and meta-training rule are in :mod:`learnedopt.rules.hie
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import ops
-from .. import pretrained as _pretrained
 from ..rules.hierarchical import (K_D2, K_LOG_LR, K_STEPPED, HierarchicalNet, HierState, device_values,
                                   step_reference)
-from ._base import _LearnedOptimizer, check_gradients
+from ._base import _LearnedOptimizer, check_gradients, check_nonnegative, resolve_net
 
 __all__ = ["HierarchicalOptimizer", "DEFAULT_HIERARCHICAL"]
 
@@ -74,21 +72,12 @@ class HierarchicalOptimizer(_LearnedOptimizer):
 
     def __init__(self, params, lr: float = 1e-4, net=None, pretrained: str | None = None,
                  state_dtype: torch.dtype = torch.float32, fused: bool | None = None):
-
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"HierarchicalOptimizer: lr must be a finite number >= 0, got {lr!r}")
+        check_nonnegative("HierarchicalOptimizer", "lr", lr)
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"HierarchicalOptimizer: state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         if fused not in (None, True, False):
             raise ValueError(f"HierarchicalOptimizer: fused must be None, True or False, got {fused!r}")
-        if net is not None and pretrained is not None:
-            raise ValueError("HierarchicalOptimizer: pass net or pretrained, not both")
-        if net is None:
-            pretrained = pretrained or DEFAULT_HIERARCHICAL
-            net = _pretrained.load_net(pretrained)
-        if not isinstance(net, HierarchicalNet):
-            raise TypeError(f"HierarchicalOptimizer: net must be a learnedopt.rules.hierarchical.HierarchicalNet, got "
-                            f"{type(net).__name__}")
+        net, pretrained = resolve_net("HierarchicalOptimizer", net, pretrained, DEFAULT_HIERARCHICAL, HierarchicalNet)
         if net.attention:
             raise ValueError("HierarchicalOptimizer: attention=True (the look-ahead point) is supported by the "
                              "meta-training rule (learnedopt.rules.hierarchical.step_reference) only, not by the optimizer")

@@ -4,16 +4,14 @@ and meta-training rule are in :mod:`learnedopt.rules.l2l`, its reference step is
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import ops
-from .. import pretrained as _pretrained
 from ..rules.l2l import CoordinateLSTMNet
-from ._base import _LearnedOptimizer, check_gradients, state_dtype_of
+from ._base import _LearnedOptimizer, check_gradients, check_nonnegative, resolve_net, state_dtype_of
 
 __all__ = ["L2LOptimizer", "DEFAULT_L2L"]
 
@@ -62,18 +60,9 @@ class L2LOptimizer(_LearnedOptimizer):
 
     def __init__(self, params, net: CoordinateLSTMNet | None = None, lr: float = 1.0, weight_decay: float = 0.0,
                  pretrained: str | None = None):
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"L2LOptimizer: lr must be a finite number >= 0, got {lr!r}")
-        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"L2LOptimizer: weight_decay must be a finite number >= 0, got {weight_decay!r}")
-        if net is not None and pretrained is not None:
-            raise ValueError("L2LOptimizer: pass net or pretrained, not both")
-        if net is None:
-            pretrained = pretrained or DEFAULT_L2L
-            net = _pretrained.load_net(pretrained)
-        if not isinstance(net, CoordinateLSTMNet):
-            raise TypeError(f"L2LOptimizer: net must be a learnedopt.rules.l2l.CoordinateLSTMNet, got "
-                            f"{type(net).__name__}")
+        check_nonnegative("L2LOptimizer", "lr", lr)
+        check_nonnegative("L2LOptimizer", "weight_decay", weight_decay)
+        net, pretrained = resolve_net("L2LOptimizer", net, pretrained, DEFAULT_L2L, CoordinateLSTMNet)
         self.net = net
         self.pretrained = pretrained
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
