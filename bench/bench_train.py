@@ -65,7 +65,7 @@ batch 32 on an A100): not measured here.
 Image size: ``--image-size``, default 64 on CPU (keeps a CPU run to minutes) and 224 on CUDA.
 ``--quick``: resnet18 and vit only, batch 8, image 32, warmup 1, repeat 2 (each unless given).
 
-Output: a progress bar on stderr (tqdm, when installed; quiet when stderr is not a terminal), a
+Output: a progress bar on stderr (tqdm; quiet when stderr is not a terminal), a
 line per configuration and a Markdown table on stdout; JSON (``--out``: a file, or a directory for
 the default name; default ``bench/results/train-<device kind>-<git rev>[-quick].json``, device kind
 ``cpu`` or ``cuda-<gpu>``) with the rows (every raw time: warm-up steps, and every phase of every
@@ -100,16 +100,12 @@ if str(HERE) not in sys.path:  # imported by path or run from elsewhere
 import bench_coord_lstm as bcl  # noqa: E402  (also puts the checkout's learnedopt on sys.path if needed)
 
 import learnedopt  # noqa: E402
+from learnedopt._progress import progress  # noqa: E402
 
 try:
     import torchvision
 except ImportError:  # main() exits with a message
     torchvision = None
-
-try:
-    from tqdm import tqdm
-except ImportError:  # no progress bar
-    tqdm = None
 
 try:  # CPU time used by other processes (bench_step's helpers); without them "other" is not measured
     from bench_step import _cpu_busy, _other_cores
@@ -539,8 +535,8 @@ def main(argv=None, prog: str | None = None) -> dict:
         return res
 
     configs = [(d, m, o) for d in devices for m in models for o in opt_names]
-    bar = tqdm(total=len(configs), desc="bench_train", unit="config", file=sys.stderr, disable=None) if tqdm else None
-    say = bar.write if bar is not None else print
+    bar = progress(total=len(configs), desc="bench_train", unit="config")
+    say = bar.write
     t_start = time.perf_counter()
     for dev_name in devices:
         device = torch.device(dev_name)
@@ -558,8 +554,7 @@ def main(argv=None, prog: str | None = None) -> dict:
                 build_err = f"building the model: {type(e).__name__}: {_first_line(e)}"
                 n_params = n_tensors = 0
             for opt_name in opt_names:
-                if bar is not None:
-                    bar.set_postfix_str(f"{dev_name} {model_name} {opt_name}")
+                bar.set_postfix_str(f"{dev_name} {model_name} {opt_name}")
                 busy0 = _cpu_busy()
                 if build_err is not None:
                     res = {"na": build_err, "error": True}
@@ -579,12 +574,10 @@ def main(argv=None, prog: str | None = None) -> dict:
                 say(_progress_line(row))
                 sys.stdout.flush()
                 save(complete=False)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
             base = x = y = None
             _free(device)
-    if bar is not None:
-        bar.close()
+    bar.close()
 
     res = save(complete=True)
     print()

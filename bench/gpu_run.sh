@@ -120,7 +120,7 @@ try:
               "mem %.1f GiB" % (p.total_memory / 2**30), "SMs", p.multi_processor_count)
 except Exception as e:  # noqa: BLE001
     print("torch import failed:", e)
-for m in ("setuptools", "ninja", "pytest", "numpy", "expecttest", "pytest_benchmark", "torchvision", "tqdm"):
+for m in ("setuptools", "ninja", "pytest", "numpy", "expecttest", "pytest_benchmark", "torchvision", "tqdm", "safetensors"):
     try:
         mod = importlib.import_module(m)
         print(f"{m}: {getattr(mod, '__version__', 'present')}")
