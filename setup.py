@@ -11,6 +11,10 @@ compiles and links them. Environment variables:
                              SIMD level of the CPU kernels on x86-64 (default avx2, with FMA)
   LEARNEDOPT_DEBUG=1         -O0 -g
   LEARNEDOPT_PTXAS_VERBOSE=1 print registers / spills of every CUDA kernel (-Xptxas -v)
+  LEARNEDOPT_CUDA_EMULATION=1
+                             also build learnedopt._cuda_emu: the CUDA kernels of csrc/cuda compiled by
+                             the host compiler against the CUDA emulation (csrc/cuda/emulation), run on
+                             CPU tensors by the tests marked cuda_emu (test infrastructure)
   MAX_JOBS                   parallel compile jobs (ninja)
 
 Install with `pip install --no-build-isolation -e .` (see README): the extension must be built
@@ -137,9 +141,26 @@ ext = Extension(
     extra_link_args=["-fopenmp"],
 )
 
+ext_modules = [ext]
+if os.environ.get("LEARNEDOPT_CUDA_EMULATION", "0") == "1":
+    # The .cu files through one wrapper each (*_emu.cpp), the emulation's runtime and its op library.
+    # Its include folder comes first: it stands in for c10/cuda and ATen/cuda headers.
+    ext_modules.append(cpp_extension.CppExtension(
+        "learnedopt._cuda_emu",
+        sorted(glob.glob("csrc/cuda/emulation/*.cpp")),
+        include_dirs=[os.path.join(ROOT, "csrc", "cuda", "emulation", "include"), os.path.join(ROOT, "csrc")],
+        define_macros=[("LEARNEDOPT_CUDA_EMULATION", None)],
+        # hidden: the emulated kernels' symbols never meet learnedopt._C's in the process
+        extra_compile_args={"cxx": (["-O0", "-g"] if debug else ["-O2"]) + [
+            "-fdiagnostics-color=always", "-Wall", "-Wno-unknown-pragmas", "-fvisibility=hidden",
+            # the .cu files' `extern __shared__` arrays (thread_local here) need no dynamic initialisation
+            "-fno-extern-tls-init"]},
+    ))
+    print("learnedopt: also building the CUDA emulation (learnedopt._cuda_emu)")
+
 setup(
     packages=find_packages(include=["learnedopt", "learnedopt.*"]),
     package_data={"learnedopt.pretrained": ["*.safetensors", "*.json"]},
-    ext_modules=[ext],
+    ext_modules=ext_modules,
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -68,9 +68,19 @@ inline void check_device(const char* op, const std::string& name, const at::Tens
               t.layout());
 }
 
+// Whether t is where the CUDA kernels run: a CUDA tensor; in the emulation build of csrc/cuda
+// (LEARNEDOPT_CUDA_EMULATION, csrc/cuda/emulation), the CPU tensors the emulated kernels are given.
+inline bool on_cuda_kernels_device(const at::Tensor& t) {
+#ifdef LEARNEDOPT_CUDA_EMULATION
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
+
 inline void check_state_dtype(const char* op, const std::string& name, const at::Tensor& t) {
   const auto st = t.scalar_type();
-  if (t.is_cuda()) {
+  if (on_cuda_kernels_device(t)) {
     TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
                 ": ", name, " must be float32, float64, bfloat16 or float16 on CUDA, got ", st);
   } else {

@@ -54,6 +54,7 @@
 #include "checks.h"
 #include "cuda/lstm_device.cuh"
 #include "lstm_math.h"
+#include "cuda/launch.cuh"
 #include "ops.h"
 
 namespace learnedopt {
@@ -381,9 +382,8 @@ template <typename scalar_t, typename weight_t, bool kSmemWeights>
 void launch_fwd(const Plan& p, const FwdArgs<scalar_t, weight_t>& args) {
   auto kernel = &coord_lstm_fwd_kernel<scalar_t, weight_t, kSmemWeights>;
   allow_smem(kernel, p.smem_bytes);
-  kernel<<<static_cast<unsigned>(p.blocks), p.threads, static_cast<size_t>(p.smem_bytes),
-           c10::cuda::getCurrentCUDAStream()>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel("coord_lstm_fwd_kernel", kernel, static_cast<unsigned>(p.blocks), p.threads,
+                static_cast<size_t>(p.smem_bytes), c10::cuda::getCurrentCUDAStream(), args);
 }
 
 // h_new, c_new (c_new may be undefined: not stored) = one layer on x [N, I], h, c [N, H] (all
@@ -441,9 +441,8 @@ template <typename scalar_t, typename dh_t, bool kSmemWeights>
 void launch_bwd(const Plan& p, const BwdArgs<scalar_t, dh_t>& args) {
   auto kernel = &coord_lstm_bwd_kernel<scalar_t, dh_t, kSmemWeights>;
   allow_smem(kernel, p.smem_bytes);
-  kernel<<<static_cast<unsigned>(p.blocks), p.threads, static_cast<size_t>(p.smem_bytes),
-           c10::cuda::getCurrentCUDAStream()>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel("coord_lstm_bwd_kernel", kernel, static_cast<unsigned>(p.blocks), p.threads,
+                static_cast<size_t>(p.smem_bytes), c10::cuda::getCurrentCUDAStream(), args);
 }
 
 template <typename scalar_t, typename dh_t>
@@ -683,7 +682,7 @@ StackGrads coord_lstm_stack_backward_cuda(const Tensor& grad_y_, TensorList grad
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(learnedopt, CUDA, m) {
+LEARNEDOPT_CUDA_IMPL(m) {
   m.impl("coord_lstm", &coord_lstm_cuda);
   m.impl("coord_lstm_backward", &coord_lstm_backward_cuda);
   m.impl("coord_lstm_stack", &coord_lstm_stack_cuda);

@@ -45,6 +45,7 @@
 #include "checks.h"
 #include "cuda/device_scalar.cuh"
 #include "hier_math.h"
+#include "cuda/launch.cuh"
 #include "ops.h"
 
 namespace learnedopt {
@@ -344,9 +345,8 @@ void step_group(const char* op, const std::vector<int64_t>& idx, TensorList para
   for (size_t j0 = 0; j0 < idx.size(); j0 += kMaxTensors) {
     const size_t j1 = std::min(idx.size(), j0 + kMaxTensors);
     const auto ch = fill(j0, j1, kFiniteCoords, 0);
-    hier_finite_kernel<scalar_t, state_t>
-        <<<static_cast<unsigned>(ch.block_start[ch.n]), kFiniteThreads, 0, stream>>>(ch, args, flags);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel("hier_finite_kernel", hier_finite_kernel<scalar_t, state_t>,
+                  static_cast<unsigned>(ch.block_start[ch.n]), kFiniteThreads, 0, stream, ch, args, flags);
   }
   // Passes 2 and 3: the coordinate step with its partial sums, then the per-tensor sums and scales.
   int64_t total_blocks = 0;
@@ -357,21 +357,18 @@ void step_group(const char* op, const std::vector<int64_t>& idx, TensorList para
   for (size_t j0 = 0; j0 < idx.size(); j0 += kMaxTensors) {
     const size_t j1 = std::min(idx.size(), j0 + kMaxTensors);
     const auto ch = fill(j0, j1, kStepCoords, base);
-    hier_coord_kernel<scalar_t, state_t>
-        <<<static_cast<unsigned>(ch.block_start[ch.n]), kStepThreads, 0, stream>>>(ch, args, partial_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    hier_sums_kernel<scalar_t, state_t>
-        <<<static_cast<unsigned>(ch.n), kSumsThreads, 0, stream>>>(ch, args, partial_ptr, sums, scale);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel("hier_coord_kernel", hier_coord_kernel<scalar_t, state_t>,
+                  static_cast<unsigned>(ch.block_start[ch.n]), kStepThreads, 0, stream, ch, args, partial_ptr);
+    launch_kernel("hier_sums_kernel", hier_sums_kernel<scalar_t, state_t>, static_cast<unsigned>(ch.n),
+                  kSumsThreads, 0, stream, ch, args, partial_ptr, sums, scale);
     base += ch.block_start[ch.n];
   }
   // Pass 4: the update.
   for (size_t j0 = 0; j0 < idx.size(); j0 += kMaxTensors) {
     const size_t j1 = std::min(idx.size(), j0 + kMaxTensors);
     const auto ch = fill(j0, j1, kUpdateCoords, 0);
-    hier_update_kernel<scalar_t, state_t>
-        <<<static_cast<unsigned>(ch.block_start[ch.n]), kUpdateThreads, 0, stream>>>(ch, args, scale);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel("hier_update_kernel", hier_update_kernel<scalar_t, state_t>,
+                  static_cast<unsigned>(ch.block_start[ch.n]), kUpdateThreads, 0, stream, ch, args, scale);
   }
   for (size_t j = 0; j < idx.size(); ++j)
     if (!P[j].is_same(params[idx[j]])) params[idx[j]].copy_(P[j]);
@@ -385,7 +382,7 @@ Tensor hier_step_cuda(TensorList params, TensorList grads, TensorList states, co
                   NUM_WEIGHTS);
   at::AutoDispatchBelowADInplaceOrView guard;
   const int64_t T = int64_t(params.size());
-  TORCH_CHECK(weights.is_cuda(), op, ": weights must be a CUDA tensor, got one on ", weights.device());
+  TORCH_CHECK(on_cuda_kernels_device(weights), op, ": weights must be a CUDA tensor, got one on ", weights.device());
   const c10::cuda::CUDAGuard device_guard(T > 0 ? params[0].device() : weights.device());
   Tensor sums = at::zeros({T, K}, weights.options());
   const auto groups = nonempty_params_by_dtype(params);
@@ -430,6 +427,6 @@ Tensor hier_step_cuda(TensorList params, TensorList grads, TensorList states, co
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(learnedopt, CUDA, m) { m.impl("hier_step_", &hier_step_cuda); }
+LEARNEDOPT_CUDA_IMPL(m) { m.impl("hier_step_", &hier_step_cuda); }
 
 }  // namespace learnedopt

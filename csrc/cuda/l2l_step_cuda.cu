@@ -38,6 +38,7 @@
 #include "cuda/device_scalar.cuh"
 #include "cuda/lstm_device.cuh"
 #include "lstm_math.h"
+#include "cuda/launch.cuh"
 #include "ops.h"
 
 namespace learnedopt {
@@ -300,9 +301,8 @@ void step_group(const char* op, const std::vector<int64_t>& idx, TensorList para
   for (size_t j0 = 0; j0 < idx.size(); j0 += kMaxTensors) {
     const size_t j1 = std::min(idx.size(), j0 + kMaxTensors);
     const auto ch = fill(j0, j1, kFiniteRows);
-    l2l_finite_kernel<scalar_t, acc_t><<<static_cast<unsigned>(ch.block_start[ch.n]), kFiniteThreads, 0, stream>>>(
-        ch, sc, kFiniteRows, flags.mutable_data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel("l2l_finite_kernel", l2l_finite_kernel<scalar_t, acc_t>, static_cast<unsigned>(ch.block_start[ch.n]),
+                  kFiniteThreads, 0, stream, ch, sc, kFiniteRows, flags.mutable_data_ptr<int>());
   }
   auto kernel = plan.smem_weights ? &l2l_step_kernel<scalar_t, acc_t, true> : &l2l_step_kernel<scalar_t, acc_t, false>;
   if (plan.smem_bytes > 48 * 1024) {
@@ -312,9 +312,9 @@ void step_group(const char* op, const std::vector<int64_t>& idx, TensorList para
   for (size_t j0 = 0; j0 < idx.size(); j0 += kMaxTensors) {
     const size_t j1 = std::min(idx.size(), j0 + kMaxTensors);
     const auto ch = fill(j0, j1, plan.threads);
-    kernel<<<static_cast<unsigned>(ch.block_start[ch.n]), plan.threads, static_cast<size_t>(plan.smem_bytes),
-             stream>>>(ch, sc, net, packed.const_data_ptr<acc_t>(), flags.const_data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel("l2l_step_kernel", kernel, static_cast<unsigned>(ch.block_start[ch.n]), plan.threads,
+                  static_cast<size_t>(plan.smem_bytes), stream, ch, sc, net, packed.const_data_ptr<acc_t>(),
+                  flags.const_data_ptr<int>());
   }
   for (size_t j = 0; j < idx.size(); ++j)
     if (!P[j].is_same(params[idx[j]])) params[idx[j]].copy_(P[j]);
@@ -356,6 +356,6 @@ void l2l_step_cuda(TensorList params, TensorList grads, TensorList states, Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(learnedopt, CUDA, m) { m.impl("l2l_step_", &l2l_step_cuda); }
+LEARNEDOPT_CUDA_IMPL(m) { m.impl("l2l_step_", &l2l_step_cuda); }
 
 }  // namespace learnedopt

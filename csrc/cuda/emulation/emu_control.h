@@ -1,0 +1,29 @@
+// What the tests control and read of the CUDA emulation (through the learnedopt_emu ops of
+// registration.cpp): the thread schedule of the blocks and the record of launches.
+#pragma once
+
+#include <cstddef>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace cuda_emu {
+
+// The order in which a block's threads run between two synchronisation points.
+enum class Schedule { kForward = 0, kReverse = 1 };
+
+struct LaunchRecord {
+  std::string name;
+  unsigned grid, block;
+  size_t dynamic_smem;
+};
+
+struct Control {
+  Schedule schedule = Schedule::kForward;
+  std::vector<LaunchRecord> launches;
+};
+
+Control& control();
+std::mutex& control_mutex();
+
+}  // namespace cuda_emu

@@ -1,0 +1,50 @@
+// The library of the CUDA emulation, learnedopt._cuda_emu: the learnedopt ops under the namespace
+// learnedopt_emu (the same schemas, schemas.h), whose CPU kernels are the CUDA kernels of csrc/cuda
+// compiled by the host compiler against cuda_emu.h; and the ops with which tests steer it.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <sstream>
+#include <string>
+
+#include "cuda/emulation/emu_control.h"
+#include "schemas.h"
+
+extern "C" {
+PyMODINIT_FUNC PyInit__cuda_emu(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_cuda_emu",
+      "learnedopt's CUDA kernels run on the CPU by the CUDA emulation (test infrastructure; "
+      "reach them via torch.ops.learnedopt_emu)",
+      -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace {
+
+void set_schedule(int64_t schedule) {
+  TORCH_CHECK(schedule == 0 || schedule == 1, "learnedopt_emu::set_schedule: schedule must be 0 (forward thread ",
+              "order) or 1 (reverse), got ", schedule);
+  std::lock_guard<std::mutex> lock(cuda_emu::control_mutex());
+  cuda_emu::control().schedule = static_cast<cuda_emu::Schedule>(schedule);
+}
+
+// One line per launch since the last clear: "name grid block dynamic_smem".
+std::string launches(bool clear) {
+  std::lock_guard<std::mutex> lock(cuda_emu::control_mutex());
+  std::ostringstream os;
+  for (const auto& r : cuda_emu::control().launches)
+    os << r.name << " " << r.grid << " " << r.block << " " << r.dynamic_smem << "\n";
+  if (clear) cuda_emu::control().launches.clear();
+  return os.str();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(learnedopt_emu, m) {
+  learnedopt::define_ops(m);
+  m.def("set_schedule(int schedule) -> ()", &set_schedule);
+  m.def("launches(bool clear=False) -> str", &launches);
+}
