@@ -195,8 +195,11 @@ bool resolve_barrier(Block& b) {
     if (f.state != State::kBarrier) continue;
     ++at;
     if (kind == -1) kind = f.reduce_kind;
-    if (f.reduce_kind != kind && b.error.empty())
-      b.error = "__syncthreads: threads of one block wait at different barriers (plain and _or/_and/_count)";
+    if (f.reduce_kind != kind) {
+      if (b.error.empty())
+        b.error = "__syncthreads: the threads of one block wait at different barriers (plain and _or/_and/_count)";
+      return false;
+    }
     acc_or |= f.predicate != 0;
     acc_and &= f.predicate != 0;
     count += f.predicate != 0;
