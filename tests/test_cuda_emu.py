@@ -11,7 +11,9 @@ memory-model effects beyond barriers.
 """
 
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +42,20 @@ pytestmark = [
 ]
 
 emu = torch.ops.learnedopt_emu if HAVE_EMU else None
+
+# The kernels' registers and static shared memory from ptxas (csrc/cuda/emulation/resources.py; CI
+# regenerates them from the current source): every launch is checked against sm_90's limits.
+RESOURCES = Path(os.environ.get("LEARNEDOPT_CUDA_RESOURCES") or
+                 Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "emulation" / "resources.json")
+
+
+def _resource_table(kernels: dict) -> str:
+    return "".join(f"{k} {v['registers']} {v['static_smem']}\n" for k, v in kernels.items())
+
+
+if HAVE_EMU:
+    emu.set_resources(_resource_table(json.loads(RESOURCES.read_text())["kernels"]))
+
 SCHEDULES = [pytest.param(0, id="forward"), pytest.param(1, id="reverse")]
 
 
@@ -144,6 +160,25 @@ def test_launch_limits_of_sm_90():
     emu.selftest_launch(1, 32, 100 * 1024, 100 * 1024, 0)  # raised by cudaFuncSetAttribute
     with pytest.raises(RuntimeError, match="invalid argument"):
         emu.selftest_launch(1, 32, 0, 227 * 1024 + 1, 0)  # past sm_90's opt-in limit
+
+
+def test_register_and_shared_memory_limits_from_ptxas():
+    """A launch whose registers x threads exceed an SM's 65,536 is what a GPU refuses with "too many
+    resources requested for launch"; the emulator checks every launch against ptxas's numbers."""
+    kernels = json.loads(RESOURCES.read_text())["kernels"]
+    assert {"coord_lstm_fwd_kernel", "l2l_step_kernel", "hier_coord_kernel"} <= set(kernels)
+    try:
+        emu.set_resources("smem_write_kernel 64 0\n")
+        emu.selftest_launch(1, 1024, 0, 0, -1)  # 64 x 1024 = 65,536: fits exactly
+        emu.set_resources("smem_write_kernel 72 0\n")  # the planted bug: 72 registers at 1024 threads
+        with pytest.raises(RuntimeError, match="too many resources requested for launch"):
+            emu.selftest_launch(1, 1024, 0, 0, -1)
+        emu.selftest_launch(1, 512, 0, 0, -1)
+        emu.set_resources("smem_write_kernel 32 40000\n")
+        with pytest.raises(RuntimeError, match="exceed sm_90's 232448 per block"):
+            emu.selftest_launch(1, 32, 200 * 1024, 200 * 1024, -1)
+    finally:
+        emu.set_resources(_resource_table(kernels))
 
 
 def test_dynamic_shared_memory_is_exactly_the_requested_size():

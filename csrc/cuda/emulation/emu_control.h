@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace cuda_emu {
@@ -18,9 +19,16 @@ struct LaunchRecord {
   size_t dynamic_smem;
 };
 
+// What ptxas says a kernel needs (resources.py): the largest over its template instances.
+struct Resources {
+  int registers = 0;      // per thread
+  size_t static_smem = 0;  // bytes of static __shared__ per block
+};
+
 struct Control {
   Schedule schedule = Schedule::kForward;
   std::vector<LaunchRecord> launches;
+  std::unordered_map<std::string, Resources> resources;  // by kernel name (launch_kernel's name)
 };
 
 Control& control();

@@ -7,6 +7,7 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <unordered_map>
 
 #include "cuda/emulation/emu_control.h"
 #include "schemas.h"
@@ -41,10 +42,24 @@ std::string launches(bool clear) {
   return os.str();
 }
 
+// Replaces the kernels' resources (resources.py's numbers): lines "name registers static_smem".
+void set_resources(const std::string& table) {
+  std::unordered_map<std::string, cuda_emu::Resources> res;
+  std::istringstream in(table);
+  std::string name;
+  int registers = 0;
+  size_t smem = 0;
+  while (in >> name >> registers >> smem) res[name] = cuda_emu::Resources{registers, smem};
+  TORCH_CHECK(in.eof(), "learnedopt_emu::set_resources: expected lines 'name registers static_smem'");
+  std::lock_guard<std::mutex> lock(cuda_emu::control_mutex());
+  cuda_emu::control().resources = std::move(res);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(learnedopt_emu, m) {
   learnedopt::define_ops(m);
   m.def("set_schedule(int schedule) -> ()", &set_schedule);
   m.def("launches(bool clear=False) -> str", &launches);
+  m.def("set_resources(str table) -> ()", &set_resources);
 }

@@ -270,6 +270,29 @@ void check_config(const LaunchConfig& c) {
   TORCH_CHECK(c.dynamic_smem <= limit, "cuda emulation: launch of ", c.name, " asks for ", c.dynamic_smem,
               " bytes of dynamic shared memory; its limit is ", limit,
               " (48 KiB unless cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize) raised it)");
+  Resources res;
+  bool known = false;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_control.resources.find(c.name);
+    if (it != g_control.resources.end()) {
+      res = it->second;
+      known = true;
+    }
+  }
+  if (known) {
+    // sm_90 allocates registers per warp in units of 256 (a thread's count rounded up to 8).
+    const uint64_t per_warp = (uint64_t(res.registers) * 32 + 255) / 256 * 256;
+    const uint64_t warps = (threads + 31) / 32;
+    TORCH_CHECK(per_warp * warps <= uint64_t(p->regsPerBlock), "cuda emulation: launch of ", c.name, " with ",
+                threads, " threads: too many resources requested for launch (", res.registers,
+                " registers per thread, ptxas: ", per_warp * warps, " per block, sm_90 has ", p->regsPerBlock, ")");
+    TORCH_CHECK(res.static_smem <= p->sharedMemPerBlock, "cuda emulation: ", c.name, " has ", res.static_smem,
+                " bytes of static shared memory; sm_90 allows ", p->sharedMemPerBlock);
+    TORCH_CHECK(res.static_smem + c.dynamic_smem <= p->sharedMemPerBlockOptin, "cuda emulation: launch of ", c.name,
+                ": ", res.static_smem, " bytes of static and ", c.dynamic_smem,
+                " of dynamic shared memory exceed sm_90's ", p->sharedMemPerBlockOptin, " per block");
+  }
   TORCH_CHECK(c.dynamic_smem == 0 || (c.smem.data && c.dynamic_smem <= c.smem.size), "cuda emulation: launch of ",
               c.name, ": ", c.dynamic_smem, " bytes of dynamic shared memory, but its translation unit provides ",
               c.smem.size);
