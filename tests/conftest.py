@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import learnedopt
+import emulation
 
 CUDA = learnedopt.ops.cuda_available()
 _NEEDS_GPU = "needs a GPU and learnedopt's CUDA kernels"
@@ -27,10 +28,35 @@ requires_mnist = pytest.mark.skipif(not HAS_MNIST and os.environ.get("CI") != "t
 # Every (device, dtype) the ops support; CUDA cases skip cleanly without a GPU.
 CPU_DTYPES = [torch.float32, torch.float64]
 CUDA_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# ... and every CUDA case has its emulated twin, "cuda_emu": CPU tensors, the learnedopt ops redirected
+# to the CUDA kernels run by the CUDA emulation (tests/emulation.py).
+_EMU_MARKS = [pytest.mark.cuda_emu, pytest.mark.emu_redirect,
+              pytest.mark.skipif(not emulation.AVAILABLE and not emulation.MUST_RUN,
+                                 reason="the CUDA emulation is not built (LEARNEDOPT_CUDA_EMULATION=1)")]
 DEVICE_DTYPES = [pytest.param("cpu", dt, id=f"cpu-{str(dt)[6:]}") for dt in CPU_DTYPES] + [
     pytest.param("cuda", dt, id=f"cuda-{str(dt)[6:]}", marks=requires_cuda) for dt in CUDA_DTYPES
-]
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=requires_cuda)]
+] + [pytest.param("cpu", dt, id=f"cuda_emu-{str(dt)[6:]}", marks=_EMU_MARKS) for dt in CUDA_DTYPES]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=requires_cuda),
+           pytest.param("cpu", id="cuda_emu", marks=_EMU_MARKS)]
+
+
+OPCHECK_NOT_EMULATED = ("opcheck checks the registration of the learnedopt ops (schemas, fake kernels, autograd), "
+                        "which a redirection below them cannot take part in; the emulated kernels are checked "
+                        "against the references by the other twins")
+
+
+@pytest.fixture(autouse=True)
+def _emulated_twin(request):
+    """A cuda_emu twin runs with the learnedopt ops redirected to the emulated CUDA kernels (a test
+    marked no_emu_twin(reason) has none: it skips, saying why)."""
+    if request.node.get_closest_marker("emu_redirect") is None:
+        yield
+        return
+    no_twin = request.node.get_closest_marker("no_emu_twin")
+    if no_twin is not None:
+        pytest.skip(no_twin.args[0])
+    with emulation.RedirectToEmulation():
+        yield
 
 # Absolute/relative tolerance of a kernel output against the float64 reference, per input dtype.
 # float32: the CPU kernels use a <= 20-ulp exp (see csrc/cpu/vec_math.h). 16-bit: outputs are

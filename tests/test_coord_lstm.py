@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import learnedopt
-from conftest import CUDA, DEVICE_DTYPES, DEVICES, TOL, requires_cuda
+from conftest import OPCHECK_NOT_EMULATED, CUDA, DEVICE_DTYPES, DEVICES, TOL, requires_cuda
 from helpers import assert_close, cell_inputs, f64, noncontig, ref_cell
 
 SIZES_N = [1, 7, 1000, 65537]
@@ -90,6 +90,7 @@ def test_gradcheck(device, contiguous):
     assert torch.autograd.gradcheck(learnedopt.coord_lstm, args)
 
 
+@pytest.mark.no_emu_twin(OPCHECK_NOT_EMULATED)
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("N,I,H", [(7, 2, 20), (0, 3, 4)])
 def test_opcheck(device, dtype, N, I, H):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import learnedopt
-from conftest import DEVICE_DTYPES, DEVICES, TOL
+from conftest import OPCHECK_NOT_EMULATED, DEVICE_DTYPES, DEVICES, TOL
 from helpers import assert_close, f64, noncontig, stack_inputs
 
 CONFIGS = [((20,), 1), ((20, 20), 1), ((5, 8, 3), 2), ((1,), 1), ((33, 10), 3)]
@@ -69,6 +69,7 @@ def test_stack_noncontiguous(device):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.no_emu_twin(OPCHECK_NOT_EMULATED)
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("N", [7, 0])
 def test_stack_opcheck(device, dtype, N):

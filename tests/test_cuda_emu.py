@@ -10,7 +10,6 @@ tests``. What this cannot show (README): speed, the GPU's own results of approxi
 memory-model effects beyond barriers.
 """
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -22,19 +21,10 @@ import learnedopt
 from learnedopt import reference
 from conftest import TOL
 
-# LEARNEDOPT_CUDA_EMU_LIBRARY: another build of the emulation to test instead of learnedopt._cuda_emu
-# (csrc/cuda/emulation/mutants.py builds ones with planted bugs).
-_LIBRARY = os.environ.get("LEARNEDOPT_CUDA_EMU_LIBRARY")
-if _LIBRARY:
-    torch.ops.load_library(_LIBRARY)
-    HAVE_EMU = True
-else:
-    HAVE_EMU = importlib.util.find_spec("learnedopt._cuda_emu") is not None
-    if HAVE_EMU:
-        import learnedopt._cuda_emu  # noqa: F401  (registers torch.ops.learnedopt_emu)
+import emulation
 
-# CI builds the emulation (.ci/run) and must run these tests, never skip them.
-_MUST_RUN = os.environ.get("CI") == "true" and os.environ.get("LEARNEDOPT_CUDA_EMULATION") == "1"
+HAVE_EMU = emulation.AVAILABLE
+_MUST_RUN = emulation.MUST_RUN
 pytestmark = [
     pytest.mark.cuda_emu,
     pytest.mark.skipif(not HAVE_EMU and not _MUST_RUN,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICES
+from conftest import OPCHECK_NOT_EMULATED, DEVICES
 from learnedopt import reference
 from learnedopt.rules.l2l import CoordinateLSTMNet
 
@@ -121,6 +121,7 @@ def test_lr_zero_changes_state_not_parameters(device):
     assert not torch.equal(fs[0], states[0])
 
 
+@pytest.mark.no_emu_twin(OPCHECK_NOT_EMULATED)
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     net = CoordinateLSTMNet((4, 3))
