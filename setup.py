@@ -154,7 +154,10 @@ if os.environ.get("LEARNEDOPT_CUDA_EMULATION", "0") == "1":
         extra_compile_args={"cxx": (["-O0", "-g"] if debug else ["-O2"]) + [
             "-fdiagnostics-color=always", "-Wall", "-Wno-unknown-pragmas", "-fvisibility=hidden",
             # the .cu files' `extern __shared__` arrays (thread_local here) need no dynamic initialisation
-            "-fno-extern-tls-init"]},
+            "-fno-extern-tls-init",
+            # every load and store reaches the emulation's memory checker (memcheck.cpp defines the
+            # instrumentation's callbacks itself: no ThreadSanitizer runtime is linked)
+            "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"]},
     ))
     print("learnedopt: also building the CUDA emulation (learnedopt._cuda_emu)")
 

@@ -40,7 +40,7 @@ RESOURCES = Path(os.environ.get("LEARNEDOPT_CUDA_RESOURCES") or
 
 
 def _resource_table(kernels: dict) -> str:
-    return "".join(f"{k} {v['registers']} {v['static_smem']}\n" for k, v in kernels.items())
+    return "".join(f"{k} {v['registers']} {v['static_smem']} {v.get('max_threads', 0)}\n" for k, v in kernels.items())
 
 
 if HAVE_EMU:
@@ -78,16 +78,104 @@ def test_syncthreads_is_a_barrier(schedule, T):
     assert torch.equal(emu.selftest_stage(x, True), x.roll(-1))
 
 
+@pytest.fixture
+def memcheck_off():
+    was = emu.set_memcheck(False)
+    yield
+    emu.set_memcheck(was)
+
+
 @pytest.mark.parametrize("sched", [0, 1])
-def test_a_missing_barrier_is_caught(sched):
-    """The planted bug: shared memory read before the other threads wrote it. Unwritten shared memory
-    is NaN (poisoned) and the threads run one after the other, so the result is wrong."""
+def test_a_missing_barrier_is_caught_by_the_schedules(sched, memcheck_off):
+    """The planted bug, with the memory checker off: shared memory read before the other threads wrote
+    it. Unwritten shared memory is NaN (poisoned) and the threads run one after the other, so the
+    result is wrong."""
     emu.set_schedule(sched)
     try:
         out = emu.selftest_stage(torch.randn(64), False)
     finally:
         emu.set_schedule(0)
     assert out.isnan().any()
+
+
+@pytest.mark.parametrize("sched", [0, 1])
+def test_a_missing_barrier_is_caught_by_memcheck(sched):
+    emu.set_schedule(sched)
+    try:
+        with pytest.raises(RuntimeError, match="memcheck: reads byte .* of dynamic shared memory, which no thread "
+                                               "of this block has written"):
+            emu.selftest_stage(torch.randn(64), False)
+    finally:
+        emu.set_schedule(0)
+
+
+def test_memcheck_is_on_by_default():
+    assert emu.set_memcheck(True) is True
+
+
+@pytest.mark.parametrize("sched", [0, 1])
+@pytest.mark.parametrize("mode, T, race", [
+    (0, 64, "writes byte 0 of dynamic shared memory, which thread .* wrote since the last __syncthreads"),
+    # which thread comes first depends on the schedule: read after write or write after read
+    (1, 64, "(reads|writes) byte .* of dynamic shared memory, which thread .* (wrote|read) since the last __syncthreads"),
+    (5, 32, "(reads|writes) byte .* of dynamic shared memory, which thread .* (wrote|read) since the last __syncthreads"),
+    (5, 64, "(reads|writes) byte .* of dynamic shared memory, which thread .* (wrote|read) since the last __syncthreads"),
+    (7, 64, r"reads static __shared__ storage .*, which no thread of this block has written"),
+])
+def test_memcheck_catches_shared_memory_races(sched, mode, T, race):
+    """Planted races, each under both schedules. Mode 0 is one that the schedules cannot show (every
+    thread writes the same value): with the checker off it gives the right result."""
+    emu.set_schedule(sched)
+    try:
+        with pytest.raises(RuntimeError, match="memcheck: " + race):
+            emu.selftest_shared_patterns(T, mode)
+        if mode == 0:
+            was = emu.set_memcheck(False)
+            try:
+                assert (emu.selftest_shared_patterns(T, 0) == 1).all()
+            finally:
+                emu.set_memcheck(was)
+    finally:
+        emu.set_schedule(0)
+
+
+@pytest.mark.parametrize("sched", [0, 1])
+def test_memcheck_passes_race_free_patterns(sched):
+    """No false alarms: a barrier between read and write, a broadcast read, lanes ordered by
+    __syncwarp, atomics on one shared word."""
+    emu.set_schedule(sched)
+    try:
+        t = torch.arange(64, dtype=torch.float32)
+        assert torch.equal(emu.selftest_shared_patterns(64, 2), t.roll(-1))
+        assert (emu.selftest_shared_patterns(64, 3) == 0).all()
+        for T in (32, 64):
+            assert torch.equal(emu.selftest_shared_patterns(T, 4), 2 * (torch.arange(T) ^ 1).float())
+        assert (emu.selftest_shared_patterns(64, 6) == 64).all()
+    finally:
+        emu.set_schedule(0)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 1000])
+def test_memcheck_catches_global_memory_out_of_bounds(n):
+    """Every tensor storage has red zones before and after it (the emulation's CPU allocator): an
+    access just outside one fails, at any size (an odd one leaves a partial tail)."""
+    x = torch.randn(n)
+    assert emu.selftest_global_access(x, n - 1, False) == float(x[n - 1])
+    assert emu.selftest_global_access(x, 0, False) == float(x[0])
+    with pytest.raises(RuntimeError, match="memcheck: reads 4 bytes of global memory at .*, 0 bytes past the end of a "
+                                           f"tensor storage of {4 * n} bytes"):
+        emu.selftest_global_access(x, n, False)
+    with pytest.raises(RuntimeError, match="memcheck: writes 4 bytes of global memory at .*, 0 bytes past the end"):
+        emu.selftest_global_access(x, n, True)
+    with pytest.raises(RuntimeError, match="memcheck: reads 4 bytes .*, 4 bytes before the start of a tensor storage"):
+        emu.selftest_global_access(x, -1, False)
+    before = x.clone()
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        emu.selftest_global_access(x, n + 3, True)
+    assert torch.equal(x, before)  # the write past the end never touched the tensor's elements
+    # a view's storage is its base's: element n of a view of the first n of 2n is in bounds
+    y = torch.randn(2 * n)
+    assert emu.selftest_global_access(y[:n], n, False) == float(y[n])
 
 
 def test_warp_shuffles_and_votes():
@@ -164,6 +252,10 @@ def test_register_and_shared_memory_limits_from_ptxas():
         with pytest.raises(RuntimeError, match="too many resources requested for launch"):
             emu.selftest_launch(1, 1024, 0, 0, -1)
         emu.selftest_launch(1, 512, 0, 0, -1)
+        emu.set_resources("smem_write_kernel 32 0 256\n")  # __launch_bounds__(256)
+        emu.selftest_launch(1, 256, 0, 0, -1)
+        with pytest.raises(RuntimeError, match="with 257 threads per block exceeds its __launch_bounds__ \\(256"):
+            emu.selftest_launch(1, 257, 0, 0, -1)
         emu.set_resources("smem_write_kernel 32 40000\n")
         with pytest.raises(RuntimeError, match="exceed sm_90's 232448 per block"):
             emu.selftest_launch(1, 32, 200 * 1024, 200 * 1024, -1)
@@ -171,10 +263,41 @@ def test_register_and_shared_memory_limits_from_ptxas():
         emu.set_resources(_resource_table(kernels))
 
 
-def test_dynamic_shared_memory_is_exactly_the_requested_size():
-    emu.selftest_launch(1, 32, 4096, 0, 4095)
-    with pytest.raises(RuntimeError, match="past the 4096 bytes of dynamic shared memory"):
-        emu.selftest_launch(1, 32, 4096, 0, 4096)  # the planted overflow, one byte past the end
+def test_launch_bounds_come_from_the_ptx():
+    """Every kernel of csrc/cuda with a __launch_bounds__ has its bound (PTX .maxntid) in the resource
+    table the launches are checked against; and the PTX parser reads bounds and their absence."""
+    import re
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "emulation"))
+    try:
+        import resources
+    finally:
+        sys.path.pop(0)
+    ptx = (".visible .entry _Z1av(\n.param .u64 p\n)\n.maxntid 128, 1, 1\n.minnctapersm 2\n{\nret;\n}\n"
+           ".visible .entry _Z1bv(\n)\n{\n.maxntid 9, 9, 9\n}\n.entry _Z1cv()\n.maxntid 16, 2, 1\n{\n}\n")
+    assert resources.parse_ptx(ptx) == {"_Z1av": 128, "_Z1bv": 0, "_Z1cv": 32}
+    kernels = json.loads(RESOURCES.read_text())["kernels"]
+    src = "".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "csrc" / "cuda").glob("*.cu"))
+    bounded = set(re.findall(r"__launch_bounds__\([^)]*\)\s*(?:\n\s*)?(\w+_kernel)\(", src))
+    assert bounded >= {"coord_lstm_fwd_kernel", "l2l_step_kernel", "hier_coord_kernel"}
+    assert bounded <= set(kernels)
+    for k in bounded:
+        assert kernels[k].get("max_threads", 0) > 0, k
+
+
+@pytest.mark.parametrize("memcheck", [True, False])
+def test_dynamic_shared_memory_is_exactly_the_requested_size(memcheck):
+    """The planted overflow, one byte past the end: the memory checker catches the access itself; without
+    it, the guard band after the block."""
+    was = emu.set_memcheck(memcheck)
+    try:
+        emu.selftest_launch(1, 32, 4096, 0, 4095)
+        message = ("memcheck: writes 1 bytes at byte 4096 of dynamic shared memory, past the 4096 bytes" if memcheck
+                   else "wrote shared memory at byte 4096 .* past the 4096 bytes of dynamic shared memory")
+        with pytest.raises(RuntimeError, match=message):
+            emu.selftest_launch(1, 32, 4096, 0, 4096)
+    finally:
+        emu.set_memcheck(was)
 
 
 def test_16_bit_conversions_round_to_nearest_even():

@@ -23,6 +23,7 @@ struct LaunchRecord {
 struct Resources {
   int registers = 0;      // per thread
   size_t static_smem = 0;  // bytes of static __shared__ per block
+  int max_threads = 0;     // the kernel's __launch_bounds__ (PTX .maxntid); 0: none
 };
 
 struct Control {

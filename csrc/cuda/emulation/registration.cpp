@@ -1,7 +1,9 @@
 // The library of the CUDA emulation, learnedopt._cuda_emu: the learnedopt ops under the namespace
 // learnedopt_emu (the same schemas, schemas.h), whose CPU kernels are the CUDA kernels of csrc/cuda
 // compiled by the host compiler against cuda_emu.h; and the ops with which tests steer it.
+#ifndef LEARNEDOPT_NO_PYTHON
 #include <Python.h>
+#endif
 #include <torch/library.h>
 
 #include <mutex>
@@ -10,8 +12,10 @@
 #include <unordered_map>
 
 #include "cuda/emulation/emu_control.h"
+#include "cuda/emulation/memcheck.h"
 #include "schemas.h"
 
+#ifndef LEARNEDOPT_NO_PYTHON
 extern "C" {
 PyMODINIT_FUNC PyInit__cuda_emu(void) {
   static struct PyModuleDef module_def = {
@@ -22,6 +26,7 @@ PyMODINIT_FUNC PyInit__cuda_emu(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 namespace {
 
@@ -42,15 +47,23 @@ std::string launches(bool clear) {
   return os.str();
 }
 
-// Replaces the kernels' resources (resources.py's numbers): lines "name registers static_smem".
+// Replaces the kernels' resources (resources.py's numbers): lines "name registers static_smem
+// [max_threads]" (max_threads: the kernel's __launch_bounds__; absent or 0: none).
 void set_resources(const std::string& table) {
   std::unordered_map<std::string, cuda_emu::Resources> res;
-  std::istringstream in(table);
-  std::string name;
-  int registers = 0;
-  size_t smem = 0;
-  while (in >> name >> registers >> smem) res[name] = cuda_emu::Resources{registers, smem};
-  TORCH_CHECK(in.eof(), "learnedopt_emu::set_resources: expected lines 'name registers static_smem'");
+  std::istringstream lines(table);
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.find_first_not_of(" \t") == std::string::npos) continue;
+    std::istringstream in(line);
+    std::string name;
+    cuda_emu::Resources r;
+    in >> name >> r.registers >> r.static_smem;
+    TORCH_CHECK(!in.fail(), "learnedopt_emu::set_resources: expected lines 'name registers static_smem [max_threads]', ",
+                "got '", line, "'");
+    if (!(in >> r.max_threads)) r.max_threads = 0;
+    res[name] = r;
+  }
   std::lock_guard<std::mutex> lock(cuda_emu::control_mutex());
   cuda_emu::control().resources = std::move(res);
 }
@@ -62,4 +75,10 @@ TORCH_LIBRARY(learnedopt_emu, m) {
   m.def("set_schedule(int schedule) -> ()", &set_schedule);
   m.def("launches(bool clear=False) -> str", &launches);
   m.def("set_resources(str table) -> ()", &set_resources);
+  // The memory checker (memcheck.h): on by default; returns whether it was on.
+  m.def("set_memcheck(bool on) -> bool", [](bool on) {
+    const bool was = cuda_emu::memcheck::enabled();
+    cuda_emu::memcheck::set_enabled(on);
+    return was;
+  });
 }

@@ -9,9 +9,10 @@ Compiles each csrc/cuda/*.cu for sm_90 with the build's flags (a CUDA toolkit is
 about a minute per file on two cores) and writes JSON (default: csrc/cuda/emulation/resources.json,
 which the emulated tests read; LEARNEDOPT_CUDA_RESOURCES=FILE makes them read another):
 ``{"nvcc": version, "kernels": {kernel name: {"registers", "spill_stores", "spill_loads",
-"stack", "static_smem", "instances"}}}`` — per kernel the largest value over its template
-instances (the emulator knows a launch's kernel by name, not by instance) — and, with ``--markdown``,
-prints the per-instance table for the docs.
+"stack", "static_smem", "max_threads", "instances"}}}`` — per kernel the largest value over its
+template instances (the emulator knows a launch's kernel by name, not by instance), and for
+``max_threads`` (the kernel's ``__launch_bounds__``: PTX ``.maxntid``; 0 where it has none) the
+smallest — and, with ``--markdown``, prints the per-instance table for the docs.
 """
 
 from __future__ import annotations
@@ -93,6 +94,23 @@ def parse(text: str) -> dict[str, dict]:
     return res
 
 
+PTX_ENTRY = re.compile(r"\.entry\s+([\w$]+)\s*\(")
+PTX_MAXNTID = re.compile(r"\.maxntid\s+(\d+)\s*,\s*(\d+)\s*,\s*(\d+)")
+
+
+def parse_ptx(text: str) -> dict[str, int]:
+    """Per mangled entry name: the threads per block its ``.maxntid`` allows (0: no bound)."""
+    bounds: dict[str, int] = {}
+    matches = list(PTX_ENTRY.finditer(text))
+    for i, m in enumerate(matches):
+        # the directives of an entry stand between its parameter list and its body's first "{"
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        head = text[m.end():end].split("{", 1)[0]
+        n = PTX_MAXNTID.search(head)
+        bounds[m.group(1)] = int(n.group(1)) * int(n.group(2)) * int(n.group(3)) if n else 0
+    return bounds
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_OUT))
@@ -104,12 +122,21 @@ def main(argv=None) -> int:
     instances: list[tuple[str, str, dict]] = []  # (file, demangled, values)
     with tempfile.TemporaryDirectory() as tmp:
         for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
-            cmd = [nvcc, "-c", str(cu), "-o", os.path.join(tmp, cu.stem + ".o")] + FLAGS + incs
+            keep = os.path.join(tmp, cu.stem)
+            os.makedirs(keep)
+            cmd = [nvcc, "-c", str(cu), "-o", os.path.join(tmp, cu.stem + ".o"), "--keep", "--keep-dir", keep] + FLAGS + incs
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 sys.stderr.write(r.stdout + r.stderr)
                 return 1
             found = parse(r.stdout + r.stderr)
+            ptx = glob.glob(os.path.join(keep, "*.ptx"))
+            if not ptx:
+                sys.stderr.write(f"resources.py: nvcc --keep left no PTX for {cu.name}\n")
+                return 1
+            bounds = parse_ptx("".join(Path(f).read_text() for f in ptx))
+            for name, d in found.items():
+                d["max_threads"] = bounds.get(name, 0)
             entries = {k: v for k, v in found.items() if k.startswith("_Z") or "kernel" in k}
             for name, d in zip(demangle(list(entries)), entries.values()):
                 if "_kernel" in name:
@@ -118,21 +145,24 @@ def main(argv=None) -> int:
     for _, name, d in instances:
         base = re.search(r"(\w+_kernel)", name).group(1)
         k = kernels.setdefault(base, {"registers": 0, "spill_stores": 0, "spill_loads": 0, "stack": 0,
-                                      "static_smem": 0, "instances": 0})
+                                      "static_smem": 0, "max_threads": d["max_threads"], "instances": 0})
         for key in ("registers", "spill_stores", "spill_loads", "stack", "static_smem"):
             k[key] = max(k[key], d[key])
+        if d["max_threads"] and (not k["max_threads"] or d["max_threads"] < k["max_threads"]):
+            k["max_threads"] = d["max_threads"]
         k["instances"] += 1
     Path(a.out).write_text(json.dumps({"nvcc": version, "arch": "sm_90", "kernels": kernels}, indent=1,
                                       sort_keys=True) + "\n")
     print(f"resources.py: {len(instances)} kernel instances of {len(kernels)} kernels ({version}) -> {a.out}")
     if a.markdown:
-        print("| file | kernel instance | registers | spill stores / loads (B) | stack (B) | static smem (B) |")
-        print("|---|---|---|---|---|---|")
+        print("| file | kernel instance | registers | spill stores / loads (B) | stack (B) | static smem (B) | "
+              "launch bound |")
+        print("|---|---|---|---|---|---|---|")
         for f, name, d in instances:
             short = re.sub(r"learnedopt::\(anonymous namespace\)::", "", name)
             short = re.sub(r"\(.*\)$", "", short)
             print(f"| {f} | `{short}` | {d['registers']} | {d['spill_stores']} / {d['spill_loads']} | {d['stack']} | "
-                  f"{d['static_smem']} |")
+                  f"{d['static_smem']} | {d['max_threads'] or '-'} |")
     return 0
 
 

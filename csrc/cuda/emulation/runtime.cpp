@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cuda/emulation/emu_control.h"
+#include "cuda/emulation/memcheck.h"
 
 const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
@@ -54,6 +55,7 @@ struct Block {
   std::vector<Fiber> fibers;
   ucontext_t scheduler;
   const std::function<void()>* body = nullptr;
+  const char* name = nullptr;
   std::string error;  // set by the first failure; the launch then stops
 };
 
@@ -64,7 +66,7 @@ std::mutex g_mutex;  // the registry of function attributes and the control stat
 std::unordered_map<const void*, int> g_max_dynamic_smem;
 Control g_control;
 
-[[noreturn]] void fail_in_thread(const std::string& what) {
+[[noreturn]] CUDA_EMU_NOT_INSTRUMENTED void fail_in_thread(const std::string& what) {
   Fiber* f = g_self;
   if (g_block->error.empty()) {
     std::ostringstream os;
@@ -77,9 +79,9 @@ Control g_control;
   std::abort();  // a failed fiber is never resumed
 }
 
-void yield() { swapcontext(&g_self->ctx, &g_block->scheduler); }
+CUDA_EMU_NOT_INSTRUMENTED void yield() { swapcontext(&g_self->ctx, &g_block->scheduler); }
 
-void fiber_main() {
+CUDA_EMU_NOT_INSTRUMENTED void fiber_main() {
   try {
     (*g_block->body)();
   } catch (const std::exception& e) {
@@ -180,6 +182,7 @@ bool resolve_warps(Block& b) {
       }
       for (int o = 0; o < 32; ++o)
         if (mask >> o & 1u) lanes[o]->state = State::kRunning;
+      memcheck::warp_synced(w, mask);
       released = true;
     }
   }
@@ -211,6 +214,7 @@ bool resolve_barrier(Block& b) {
     f.reduce_result = result;
     f.state = State::kRunning;
   }
+  memcheck::barrier();
   return true;
 }
 
@@ -287,6 +291,9 @@ void check_config(const LaunchConfig& c) {
     TORCH_CHECK(per_warp * warps <= uint64_t(p->regsPerBlock), "cuda emulation: launch of ", c.name, " with ",
                 threads, " threads: too many resources requested for launch (", res.registers,
                 " registers per thread, ptxas: ", per_warp * warps, " per block, sm_90 has ", p->regsPerBlock, ")");
+    TORCH_CHECK(res.max_threads == 0 || threads <= uint64_t(res.max_threads), "cuda emulation: launch of ", c.name,
+                " with ", threads, " threads per block exceeds its __launch_bounds__ (", res.max_threads,
+                "; a GPU refuses the launch: too many resources requested for launch)");
     TORCH_CHECK(res.static_smem <= p->sharedMemPerBlock, "cuda emulation: ", c.name, " has ", res.static_smem,
                 " bytes of static shared memory; sm_90 allows ", p->sharedMemPerBlock);
     TORCH_CHECK(res.static_smem + c.dynamic_smem <= p->sharedMemPerBlockOptin, "cuda emulation: launch of ", c.name,
@@ -300,7 +307,9 @@ void check_config(const LaunchConfig& c) {
 
 }  // namespace
 
-ThreadState* self() {
+[[noreturn]] CUDA_EMU_NOT_INSTRUMENTED void fail_device(const char* what) { fail_in_thread(what); }
+
+CUDA_EMU_NOT_INSTRUMENTED ThreadState* self() {
   TORCH_CHECK(g_self != nullptr, "cuda emulation: device code (threadIdx, blockIdx, ...) used outside a kernel launch");
   return g_self;
 }
@@ -341,7 +350,7 @@ cudaError_t set_function_attribute(const void* func, cudaFuncAttribute attr, int
   return cudaSuccess;
 }
 
-void syncthreads() {
+CUDA_EMU_NOT_INSTRUMENTED void syncthreads() {
   Fiber* f = static_cast<Fiber*>(self());
   f->reduce_kind = 3;
   f->predicate = 0;
@@ -349,7 +358,7 @@ void syncthreads() {
   yield();
 }
 
-int syncthreads_reduce(int kind, int predicate) {
+CUDA_EMU_NOT_INSTRUMENTED int syncthreads_reduce(int kind, int predicate) {
   Fiber* f = static_cast<Fiber*>(self());
   f->reduce_kind = kind;
   f->predicate = predicate;
@@ -358,7 +367,7 @@ int syncthreads_reduce(int kind, int predicate) {
   return f->reduce_result;
 }
 
-uint64_t warp_op(WarpOp op, unsigned mask, uint64_t bits, int param, int width) {
+CUDA_EMU_NOT_INSTRUMENTED uint64_t warp_op(WarpOp op, unsigned mask, uint64_t bits, int param, int width) {
   Fiber* f = static_cast<Fiber*>(self());
   if (!(mask >> f->lane & 1u)) {
     std::ostringstream os;
@@ -388,7 +397,14 @@ void run(const LaunchConfig& cfg, const std::function<void()>& body) {
   unsigned char* stack_base = stacks.get(threads);
   Block block;
   block.body = &body;
+  block.name = cfg.name;
   block.fibers.resize(threads);
+  memcheck::launch_begin(memcheck::LaunchInfo{cfg.name, cfg.block, stack_base, threads * kStackBytes,
+                                              block.fibers.data(), threads * sizeof(Fiber), cfg.smem.data,
+                                              cfg.dynamic_smem, cfg.smem.size});
+  struct EndLaunch {
+    ~EndLaunch() { memcheck::launch_end(); }
+  } end_launch;
   const uint64_t blocks = uint64_t(cfg.grid.x) * cfg.grid.y * cfg.grid.z;
   for (uint64_t bi = 0; bi < blocks; ++bi) {
     const uint3 bidx{unsigned(bi % cfg.grid.x), unsigned(bi / cfg.grid.x % cfg.grid.y),
@@ -412,7 +428,7 @@ void run(const LaunchConfig& cfg, const std::function<void()>& body) {
       makecontext(&f.ctx, fiber_main, 0);
     }
     g_block = &block;
-    std::string error;
+    memcheck::block_begin(bidx);
     for (;;) {
       bool any_live = false;
       for (size_t k = 0; k < threads; ++k) {
@@ -420,7 +436,9 @@ void run(const LaunchConfig& cfg, const std::function<void()>& body) {
         Fiber& f = block.fibers[t];
         if (f.state != State::kRunning) continue;
         g_self = &f;
+        memcheck::enter(static_cast<int>(t), f.warp);
         swapcontext(&block.scheduler, &f.ctx);
+        memcheck::leave();
         g_self = nullptr;
         if (!block.error.empty()) break;
       }

@@ -153,6 +153,63 @@ void selftest_launch(int64_t grid, int64_t block, int64_t smem, int64_t attr, in
                 write_at);
 }
 
+// Shared-memory access patterns for the memory checker, one block of T threads (T <= 64); out[t] is
+// what thread t read. Races (planted bugs): 0 every thread writes the same value to one word with no
+// barrier after the first write (a race that no schedule shows: the value is the same either way);
+// 1 thread t reads word t + 1 and writes word t with no barrier between (write after read); 5 lanes
+// exchange words with no __syncwarp (within one warp). Race-free: 2 as 1 with a barrier; 3 every
+// thread reads word 0 (a broadcast); 4 as 5 with __syncwarp; 6 atomicAdd on one word. 7 reads
+// static __shared__ memory that no thread wrote (a planted bug).
+__global__ void shared_patterns_kernel(float* out, int mode) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* sm = reinterpret_cast<float*>(smem_raw);
+  __shared__ float never_written[64];
+  __shared__ int counter;
+  const int t = threadIdx.x, T = blockDim.x;
+  sm[t] = float(t);
+  if (t == 0) counter = 0;
+  __syncthreads();
+  float v = 0.f;
+  switch (mode) {
+    case 0: sm[0] = 1.f; __syncthreads(); v = sm[0]; break;
+    case 1: v = sm[(t + 1) % T]; sm[t] = v + 1.f; break;
+    case 2: v = sm[(t + 1) % T]; __syncthreads(); sm[t] = v + 1.f; break;
+    case 3: v = sm[0]; break;
+    case 4: sm[t] = float(2 * t); __syncwarp(); v = sm[t ^ 1]; break;
+    case 5: sm[t] = float(2 * t); v = sm[t ^ 1]; break;
+    case 6: atomicAdd(&counter, 1); __syncthreads(); v = float(counter); break;
+    case 7: v = never_written[t]; break;
+    case 8: never_written[t] = 1.f; break;  // (never run: that the compiler may not fold the reads of mode 7 to 0)
+    default: break;
+  }
+  out[t] = v;
+}
+
+Tensor selftest_shared_patterns(int64_t threads, int64_t mode) {
+  Tensor out = at::zeros({threads}, at::kFloat);
+  launch_kernel("shared_patterns_kernel", shared_patterns_kernel, 1u, unsigned(threads), size_t(threads) * sizeof(float),
+                nullptr, out.mutable_data_ptr<float>(), static_cast<int>(mode));
+  return out;
+}
+
+// Thread 0 reads (or writes) element `at` of x, which may be out of bounds (the planted bugs: at
+// == numel, at < 0); returns what it read.
+__global__ void global_access_kernel(float* x, int64_t at, bool write, float* out) {
+  if (threadIdx.x != 0) return;
+  if (write)
+    x[at] = 1.f;
+  else
+    out[0] = x[at];
+}
+
+double selftest_global_access(const Tensor& x, int64_t at, bool write) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "selftest_global_access: contiguous float32 x");
+  Tensor out = at::zeros({1}, at::kFloat);
+  launch_kernel("global_access_kernel", global_access_kernel, 1u, 32u, 0, nullptr, x.mutable_data_ptr<float>(), at,
+                write, out.mutable_data_ptr<float>());
+  return out.item<float>();
+}
+
 // float -> bfloat16 / float16 as device code converts (c10's conversions: round to nearest, ties to even).
 __global__ void round_kernel(const float* x, c10::BFloat16* b, c10::Half* h, int64_t n) {
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
@@ -183,4 +240,6 @@ TORCH_LIBRARY_FRAGMENT(learnedopt_emu, m) {
   m.def("selftest_atomic(int grid, int block) -> int", &selftest_atomic);
   m.def("selftest_launch(int grid, int block, int smem, int attr, int write_at) -> ()", &selftest_launch);
   m.def("selftest_round(Tensor x) -> (Tensor, Tensor)", &selftest_round);
+  m.def("selftest_shared_patterns(int threads, int mode) -> Tensor", &selftest_shared_patterns);
+  m.def("selftest_global_access(Tensor(a!) x, int at, bool write) -> float", &selftest_global_access);
 }
