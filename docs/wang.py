@@ -247,7 +247,7 @@ def plot_least_squares(res: dict, fig_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     sig = res["sigmas"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     ax = axes[0]
     for s, r in sig.items():
         for k, ls in (("TbT", "-"), ("TbV", "--")):
@@ -256,7 +256,17 @@ def plot_least_squares(res: dict, fig_dir: Path) -> None:
     ax.set_ylabel("meta-objective F̂(η) (mean over tasks)")
     ax.set_title(f"meta-objectives: d={res['d']}, t={res['t']}, {res['tasks']} tasks")
     ax.legend(fontsize=7)
-    ax = axes[1]
+    ax = axes[1]  # TbV's minimum is shallow on the log axis: relative to its value at the smallest η
+    for j, (s, r) in enumerate(sig.items()):
+        keep = [i for i, e in enumerate(res["etas"]) if e <= 0.1]
+        base = r["meta_objective"]["TbV"][0]
+        ax.semilogx([res["etas"][i] for i in keep], [r["meta_objective"]["TbV"][i] / base for i in keep], "--o", ms=2.5,
+                    color=f"C{2 * j + 1}", label=f"TbV, σ={s} (η* = {r['TbV']['eta_star']:.2g})")
+    ax.set_xlabel("step size η (≤ 0.1)")
+    ax.set_ylabel("F̂_TbV(η) / F̂_TbV(1e-6)")
+    ax.set_title("train-by-validation: a minimum at a small η", fontsize=10)
+    ax.legend(fontsize=7)
+    ax = axes[2]
     labels = list(sig)
     x = range(len(labels))
     w = 0.2
@@ -285,6 +295,7 @@ def main(argv=None) -> None:
     ap.add_argument("--parts", nargs="*", default=["quadratic", "least_squares"])
     ap.add_argument("--runs", default=str(ROOT / "runs" / "wang"))
     ap.add_argument("--out", default=str(ROOT / "docs"), help="writes OUT/figures/wang-*.png and OUT/eval/wang.json")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the figures from OUT/eval/wang.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     fig_dir, eval_dir = Path(args.out) / "figures", Path(args.out) / "eval"
@@ -292,6 +303,10 @@ def main(argv=None) -> None:
     eval_dir.mkdir(parents=True, exist_ok=True)
     path = eval_dir / "wang.json"
     out = json.loads(path.read_text()) if path.exists() else {}
+    if args.plot_only:
+        plot_quadratic(out["quadratic"], fig_dir)
+        plot_least_squares(out["least_squares"], fig_dir)
+        return
     t0 = time.time()
     if "quadratic" in args.parts:
         quadratic_part(args, out)
