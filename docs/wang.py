@@ -3,7 +3,7 @@ Learning-to-Learn Approach" (docs/wang.md), through learnedopt's public meta-tra
 learnedopt.tasks.wang, the LearnedSGD rule, meta.unroll with the "final" / "log_rate" objectives and
 train-by-validation, and MetaTrainer for meta-gradient descent.
 
-    PYTHONPATH=. python docs/wang.py                 # everything: 4-6 min on one core
+    PYTHONPATH=. python docs/wang.py                 # everything: 471 s on one core of the loaded 2-core machine
     PYTHONPATH=. python docs/wang.py --ls-tasks 300  # §4 with the paper's 300 tasks per meta-objective (~6x longer)
 
 Writes docs/figures/wang-*.png and docs/eval/wang.json (every number quoted in docs/wang.md); the
