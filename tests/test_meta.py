@@ -54,7 +54,7 @@ def test_official_convergence():
     trainer.config, trainer.rule = cfg, L2LRule(**cfg.rule_kwargs)
     trainer.family = tasks.make_family("simple")
     trainer.meta_opt = torch.optim.Adam(trainer.rule.parameters(), lr=cfg.meta_lr)
-    trainer.generator, trainer.epoch, trainer.skipped = _gen(), 0, 0
+    trainer.generator, trainer.epoch, trainer.skipped, trainer.meta_steps = _gen(), 0, 0, 0
     for _ in range(cfg.epochs):
         rec = trainer.train_epoch()
         trainer.epoch += 1
@@ -87,7 +87,8 @@ def test_objectives(objective, validation):
     f = [5.0 * (1 - 2 * eta) ** (2 * t) for t in range(T + 1)]
     o = [(3.0 if validation else 1.0) * v for v in f]
     want = {"sum": sum(o), "final": o[-1],
-            "log_ratio": sum(math.log(v / f[0]) for v in o[1:]) / T, "log_final": math.log(o[-1])}[objective]
+            "log_ratio": sum(math.log(v / f[0]) for v in o[1:]) / T, "log_final": math.log(o[-1]),
+            "log_rate": math.log(o[-1]) / T}[objective]
     assert loss.item() == pytest.approx(want, rel=1e-12)
     assert losses == pytest.approx(f[:T], rel=1e-12)
     assert nxt.params[0].requires_grad is False and nxt.step == T and nxt.f0 == pytest.approx(5.0)

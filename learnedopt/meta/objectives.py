@@ -4,7 +4,10 @@ training batch, on a fresh batch for o_T; with train-by-validation f on a held-o
 * ``"sum"``: Σ_{t=0}^{T} o_t — L2L (the unroll's first point included, weights 1);
 * ``"final"``: o_T;
 * ``"log_ratio"``: mean_{t=1..T} log(o_t / f_0), f_0 the loss at the trajectory's start (Wichrowska);
-* ``"log_final"``: log o_T (Wang et al.: its meta-gradient neither explodes nor vanishes).
+* ``"log_final"``: log o_T (Wang et al.: its meta-gradient neither explodes nor vanishes);
+* ``"log_rate"``: (1/T) log o_T, T the unroll's number of steps — Wang et al.'s log objective
+  F̂(η) = (1/t) log f(w_t) exactly (its meta-gradient stays O(1) as t grows, so a meta-learning rate
+  need not shrink with the horizon).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import Tensor
 __all__ = ["OBJECTIVES", "LOG_EPS", "objective"]
 
 LOG_EPS = 1e-12  # floor of the losses inside the log objectives
-OBJECTIVES = ("sum", "final", "log_ratio", "log_final")
+OBJECTIVES = ("sum", "final", "log_ratio", "log_final", "log_rate")
 
 
 def objective(kind: str, values: list[Tensor], f0: float) -> Tensor:
@@ -31,4 +34,8 @@ def objective(kind: str, values: list[Tensor], f0: float) -> Tensor:
         return (logs - math.log(max(f0, LOG_EPS))).mean()
     if kind == "log_final":
         return torch.log(values[-1].clamp_min(LOG_EPS))
+    if kind == "log_rate":
+        if len(values) < 2:
+            raise ValueError(f"objective 'log_rate' needs the values of at least one step (o_0, o_1, ...), got {len(values)}")
+        return torch.log(values[-1].clamp_min(LOG_EPS)) / (len(values) - 1)
     raise ValueError(f"unknown meta-objective {kind!r}; known: {OBJECTIVES}")

@@ -56,6 +56,9 @@ class MetaConfig:
     meta_optimizer: str = "Adam"
     meta_lr: float = 1e-3
     meta_optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
+    # "constant": meta_lr at every meta-step; "inv_sqrt": meta_lr / √k at the k-th meta-step (k = 1, 2, …:
+    # Wang et al.'s μ_k, under which meta-gradient descent on the log objective provably converges)
+    meta_lr_schedule: str = "constant"
     clip_grad_norm: float | None = None
     clip_grad_value: float | None = None  # elementwise clip of the meta-gradient (original code: 1e4)
     seed: int = 0
@@ -72,6 +75,8 @@ class MetaConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"MetaConfig: objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.meta_lr_schedule not in ("constant", "inv_sqrt"):
+            raise ValueError(f"MetaConfig: meta_lr_schedule must be 'constant' or 'inv_sqrt', got {self.meta_lr_schedule!r}")
         if self.unroll_schedule not in ("fixed", "heavy_tailed"):
             raise ValueError(f"MetaConfig: unroll_schedule must be 'fixed' or 'heavy_tailed', got {self.unroll_schedule!r}")
         if self.unroll_schedule == "heavy_tailed" and not (self.num_unrolls_scale >= 0 and self.unroll_scale >= 0
@@ -124,6 +129,10 @@ class MetaTrainer:
     rule, meta-optimizer, random generator, counters — ``resume=True`` continues from it and gives
     bitwise the same run as one never stopped, on CPU; ``epochs`` may be raised to train longer); ``best.pt`` (the rule with the lowest
     evaluation loss, :func:`save_rule` format); ``final.pt``; ``curves.png``.
+
+    After each meta-step the trainer calls the rule's ``project_()`` if it has one (e.g. a step size
+    kept >= 0: :class:`~learnedopt.rules.sgd.LearnedSGD`), and each epoch's record includes the rule's
+    ``log_values()`` if it has them (e.g. the step size).
     """
 
     def __init__(self, config: MetaConfig, out_dir: str | os.PathLike, rule: nn.Module | None = None,
@@ -141,6 +150,7 @@ class MetaTrainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.epoch = 0
         self.skipped = 0
+        self.meta_steps = 0
         self.best: float | None = None
         self.log_path = self.out / "log.jsonl"
         self.ckpt_path = self.out / "checkpoint.pt"
@@ -163,6 +173,7 @@ class MetaTrainer:
         save_checkpoint({
             "epoch": self.epoch,
             "skipped": self.skipped,
+            "meta_steps": self.meta_steps,
             "best": self.best,
             "rule": self.rule.state_dict(),
             "meta_opt": self.meta_opt.state_dict(),
@@ -177,6 +188,7 @@ class MetaTrainer:
             raise ValueError(f"MetaTrainer: {self.ckpt_path} was written with another config; resume with the "
                              f"same config (only {', '.join(RESUME_FREE)} may change) or start a new out_dir")
         self.epoch, self.skipped, self.best = ck["epoch"], ck["skipped"], ck["best"]
+        self.meta_steps = ck.get("meta_steps", 0)  # absent before meta_lr_schedule existed (constant only)
         self.rule.load_state_dict(ck["rule"])
         self.meta_opt.load_state_dict(ck["meta_opt"])
         self.generator.set_state(ck["generator"])
@@ -214,14 +226,25 @@ class MetaTrainer:
                 torch.nn.utils.clip_grad_value_(self.rule.parameters(), cfg.clip_grad_value)
             if cfg.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.rule.parameters(), cfg.clip_grad_norm)
+            self.meta_steps += 1
+            if cfg.meta_lr_schedule == "inv_sqrt":
+                for group in self.meta_opt.param_groups:
+                    group["lr"] = cfg.meta_lr / math.sqrt(self.meta_steps)
             self.meta_opt.step()
+            project = getattr(self.rule, "project_", None)
+            if project is not None:
+                project()
             meta_losses.append(float(meta_loss.detach()))
             norms.append(float(norm))
         self.skipped += skipped
-        return {"epoch": self.epoch + 1, "task": getattr(task, "name", type(task).__name__), "steps": carry.step,
-                "meta_loss": sum(meta_losses) / len(meta_losses) if meta_losses else None,
-                "final_loss": losses[-1] if meta_losses else None,
-                "grad_norm": max(norms) if norms else None, "skipped": skipped}
+        rec = {"epoch": self.epoch + 1, "task": getattr(task, "name", type(task).__name__), "steps": carry.step,
+               "meta_loss": sum(meta_losses) / len(meta_losses) if meta_losses else None,
+               "final_loss": losses[-1] if meta_losses else None,
+               "grad_norm": max(norms) if norms else None, "skipped": skipped}
+        values = getattr(self.rule, "log_values", None)
+        if values is not None:
+            rec.update({f"rule_{k}": v for k, v in values().items()})
+        return rec
 
     def schedule(self) -> list[int]:
         """The unroll lengths of the next trajectory (drawn with the trainer's generator when heavy-tailed)."""

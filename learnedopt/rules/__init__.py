@@ -29,6 +29,10 @@ that rebuild it) and two methods::
 A rule with a random initial state sets ``random_init = True``; meta-training then calls
 ``init_state(params, generator)``.
 
+Two optional methods, used by :class:`~learnedopt.meta.MetaTrainer`: ``project_()`` (called after
+each meta-step, in place: e.g. ``LearnedSGD(min_lr=0.0)`` keeps η >= 0) and ``log_values() -> dict``
+(scalars added to each epoch's log record as ``rule_<name>``: ``LearnedSGD`` logs ``rule_lr``).
+
 This package depends on :mod:`learnedopt.ops` and :mod:`learnedopt.reference` only: the optimizers
 (:mod:`learnedopt.optim`) and the shipped weights (:mod:`learnedopt.pretrained`) use it without
 pulling in meta-training or tasks.
