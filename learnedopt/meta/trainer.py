@@ -160,7 +160,6 @@ class MetaTrainer:
         opt_cls = getattr(torch.optim, config.meta_optimizer)
         self.meta_opt = opt_cls(self.rule.parameters(), lr=config.meta_lr, **config.meta_optimizer_kwargs)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.estimator = self.make_estimator(config)
         self.epoch = 0
         self.skipped = 0
         self.best: float | None = None
@@ -214,6 +213,14 @@ class MetaTrainer:
             f.write(json.dumps(record) + "\n")
 
     # -- one trajectory ------------------------------------------------------------------------
+    @property
+    def estimator(self) -> GradientEstimator:
+        """The meta-gradient estimator of the config (made at first use)."""
+        est = self.__dict__.get("_estimator")
+        if est is None:
+            est = self._estimator = self.make_estimator(self.config)
+        return est
+
     @staticmethod
     def make_estimator(config: MetaConfig) -> GradientEstimator:
         """The meta-gradient estimator of ``config`` (:mod:`learnedopt.meta.estimators`)."""
