@@ -145,6 +145,12 @@ class _Stepper:
         """The stepper's state of one particle from a rule state (a copy)."""
         return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, state)
 
+    def restart(self, i: int, state: Any) -> Any:
+        """Particle i's state at the trajectory's start, with the parts of the initial state that are
+        meta-parameters taken from particle i's (perturbed) weights. Generic rules: unchanged (their
+        initial state is the unperturbed rule's)."""
+        return state
+
     @torch.no_grad()
     def step(self, i: int, params: list[Tensor], grads: list[Tensor], state: Any) -> Any:
         new, state = self.clones[i](params, grads, state)
@@ -193,6 +199,16 @@ class _HierStepper(_Stepper):
         return {"coords": coords, "tensor": state.tensor.clone(), "glob": state.glob.clone(),
                 "log_lr_sums": torch.stack([r[R.log_lr].sum() for r in coords]).to(dt),
                 "numels": torch.tensor(sizes, dtype=dt)}
+
+    @torch.no_grad()
+    def restart(self, i, state):
+        net = self.clones[i].net
+        R = net.rows
+        for r in state["coords"]:
+            r[R.h] = net.h0.to(r.dtype)[:, None]
+        state["tensor"] = net.tensor0.to(state["tensor"].dtype).expand_as(state["tensor"]).clone()
+        state["glob"] = net.global0.to(state["glob"].dtype).clone()
+        return state
 
     @torch.no_grad()
     def step(self, i, params, grads, state):
@@ -308,6 +324,8 @@ def run_swarm(stepper: _Stepper, swarm: Swarm, steps: int, generator: torch.Gene
     P = swarm.size
     values: list[Tensor] = []
     means = []
+    if swarm.step == 0:  # the learned parts of the initial state (hierarchical: h0, tensor0, global0)
+        swarm.states = [stepper.restart(i, s) for i, s in enumerate(swarm.states)]
     for _ in range(steps):
         losses, grads = _batched_loss_and_grads(task, swarm.params, task.sample_batch(generator), vmapped)
         if swarm.f0 is None:
