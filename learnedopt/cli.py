@@ -35,7 +35,8 @@ commands:
                  (learning rate tuned on a grid) on the same minibatches; prints a table, writes
                  runs/demo/demo.png. About a minute on CPU. `{PROG} demo --help` for options.
   meta-train --config FILE --out DIR [--resume] [--epochs N]
-                 meta-train a learned update rule by truncated BPTT (configs/*.json); writes
+                 meta-train a learned update rule (configs/*.json; "estimator": truncated BPTT,
+                 ES or PES, docs/meta-training.md); writes
                  log.jsonl, checkpoint.pt (exact resume), best.pt, final.pt, curves.png.
   export SRC DST.safetensors
                  convert a rule file (a meta-training run's best.pt / final.pt) to safetensors,

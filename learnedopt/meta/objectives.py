@@ -24,14 +24,15 @@ OBJECTIVES = ("sum", "final", "log_ratio", "log_final", "log_rate")
 
 
 def objective(kind: str, values: list[Tensor], f0: float) -> Tensor:
-    """The meta-objective ``kind`` of an unroll's objective values (see the module docstring)."""
+    """The meta-objective ``kind`` of an unroll's objective values (see the module docstring). Each
+    value is a scalar, or a vector [P] (one entry per particle of ES/PES): the objective is then [P]."""
     if kind == "sum":
-        return torch.stack(values).sum()
+        return torch.stack(values).sum(0)
     if kind == "final":
         return values[-1]
     if kind == "log_ratio":
         logs = torch.log(torch.stack(values[1:]).clamp_min(LOG_EPS))
-        return (logs - math.log(max(f0, LOG_EPS))).mean()
+        return (logs - math.log(max(f0, LOG_EPS))).mean(0)
     if kind == "log_final":
         return torch.log(values[-1].clamp_min(LOG_EPS))
     if kind == "log_rate":

@@ -24,7 +24,8 @@ from ..tasks import TaskFamily, make_family
 from .checkpoints import init_weights, load_checkpoint, save_checkpoint
 from .logs import plot_log
 from .objectives import LOG_EPS, OBJECTIVES
-from .unroll import run_rule, start, unroll
+from .estimators import ESTIMATORS, GradientEstimator, TruncatedBPTT, make_estimator
+from .unroll import run_rule
 
 __all__ = ["MetaConfig", "MetaTrainer", "RESUME_FREE"]
 
@@ -43,6 +44,13 @@ class MetaConfig:
     objective: str = "sum"
     validation: bool = False
     second_derivatives: bool = False
+    # the meta-gradient estimator (learnedopt.meta.estimators): "bptt" (truncated back-propagation through
+    # each unroll), "es" (antithetic evolution strategies; truncated ES when a trajectory has several
+    # unrolls) or "pes" (persistent ES); es_pairs antithetic pairs of perturbations N(0, es_sigma² I) of
+    # the rule's weights per meta-step
+    estimator: str = "bptt"
+    es_pairs: int = 8
+    es_sigma: float = 0.01
     num_steps: int = 100  # optimizee steps per trajectory ("epoch" of the paper)
     unroll: int = 20  # steps per truncated unroll
     # "fixed": num_steps // unroll unrolls of `unroll` steps; "heavy_tailed" (Wichrowska et al.): per
@@ -73,6 +81,16 @@ class MetaConfig:
     threads: int | None = None
 
     def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"MetaConfig: estimator must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
+        if self.estimator != "bptt":
+            if self.second_derivatives:
+                raise ValueError(f"MetaConfig: second_derivatives applies to estimator 'bptt' only, got estimator "
+                                 f"{self.estimator!r}")
+            if not (isinstance(self.es_pairs, int) and self.es_pairs >= 1):
+                raise ValueError(f"MetaConfig: es_pairs must be an integer >= 1, got {self.es_pairs!r}")
+            if not (isinstance(self.es_sigma, (int, float)) and math.isfinite(self.es_sigma) and self.es_sigma > 0):
+                raise ValueError(f"MetaConfig: es_sigma must be a finite number > 0, got {self.es_sigma!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"MetaConfig: objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.meta_lr_schedule not in ("constant", "inv_sqrt"):
@@ -119,6 +137,9 @@ class MetaConfig:
 # Config keys that do not change the training trajectory: a run may be resumed with other values
 # (e.g. more epochs).
 RESUME_FREE = ("epochs", "log_every", "threads", "checkpoint_every")
+# Keys added after checkpoints were written without them: left out of a checkpoint's config record
+# while at these defaults, so that those checkpoints still resume.
+_ADDED_KEYS = {"estimator": "bptt", "es_pairs": 8, "es_sigma": 0.01, "meta_lr_schedule": "constant"}
 
 
 class MetaTrainer:
@@ -165,7 +186,8 @@ class MetaTrainer:
     # -- checkpoints -------------------------------------------------------------------------
     def _trajectory_config(self) -> str:
         """The config keys a resumed run must share with the checkpoint (all but RESUME_FREE)."""
-        d = {k: v for k, v in self.config.to_dict().items() if k not in RESUME_FREE}
+        d = {k: v for k, v in self.config.to_dict().items()
+             if k not in RESUME_FREE and not (k in _ADDED_KEYS and v == _ADDED_KEYS[k])}
         return json.dumps(d, sort_keys=True)
 
     def _checkpoint(self) -> None:
@@ -203,18 +225,34 @@ class MetaTrainer:
             f.write(json.dumps(record) + "\n")
 
     # -- one trajectory ------------------------------------------------------------------------
+    @property
+    def estimator(self) -> GradientEstimator:
+        """The meta-gradient estimator of the config (made at first use)."""
+        est = self.__dict__.get("_estimator")
+        if est is None:
+            est = self._estimator = self.make_estimator(self.config)
+        return est
+
+    @staticmethod
+    def make_estimator(config: MetaConfig) -> GradientEstimator:
+        """The meta-gradient estimator of ``config`` (:mod:`learnedopt.meta.estimators`)."""
+        if config.estimator == "bptt":
+            return TruncatedBPTT(config.second_derivatives)
+        return make_estimator(config.estimator, pairs=config.es_pairs, sigma=config.es_sigma)
+
     def train_epoch(self) -> dict[str, Any]:
         cfg = self.config
         task = self.family.sample(self.generator)
-        carry = start(self.rule, task, self.generator)
+        traj = self.estimator.start(self.rule, task, self.generator)
         meta_losses, skipped, norms = [], 0, []
-        for length in self.schedule():
+        lengths = self.schedule()
+        for k, length in enumerate(lengths):
             self.meta_opt.zero_grad(set_to_none=True)
-            meta_loss, carry, losses = unroll(self.rule, carry, length, self.generator, cfg.objective,
-                                              cfg.validation, cfg.second_derivatives)
-            ok = bool(torch.isfinite(meta_loss))
+            est = self.estimator.estimate(self.rule, traj, length, self.generator, cfg.objective, cfg.validation,
+                                          last=k == len(lengths) - 1)
+            traj, losses = est.traj, est.losses
+            ok = math.isfinite(est.meta_loss)
             if ok:
-                meta_loss.backward()
                 grads = [p.grad for p in self.rule.parameters() if p.grad is not None]
                 norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.tensor(0.0)
                 ok = bool(torch.isfinite(norm))
@@ -234,10 +272,11 @@ class MetaTrainer:
             project = getattr(self.rule, "project_", None)
             if project is not None:
                 project()
-            meta_losses.append(float(meta_loss.detach()))
+            meta_losses.append(est.meta_loss)
             norms.append(float(norm))
         self.skipped += skipped
-        rec = {"epoch": self.epoch + 1, "task": getattr(task, "name", type(task).__name__), "steps": carry.step,
+        rec = {"epoch": self.epoch + 1, "task": getattr(task, "name", type(task).__name__),
+               "steps": self.estimator.step_of(traj),
                "meta_loss": sum(meta_losses) / len(meta_losses) if meta_losses else None,
                "final_loss": losses[-1] if meta_losses else None,
                "grad_norm": max(norms) if norms else None, "skipped": skipped}

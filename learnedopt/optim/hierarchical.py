@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..rules.hierarchical import (K_D2, K_LOG_LR, K_STEPPED, HierarchicalNet, HierState, device_values,
+from ..rules.hierarchical import (HierarchicalNet, HierState, device_values, fused_step_,
                                   step_reference)
 from ._base import _LearnedOptimizer, check_gradients, check_nonnegative, resolve_net
 
@@ -182,18 +182,10 @@ class HierarchicalOptimizer(_LearnedOptimizer):
         found_inf = getattr(self, "found_inf", None)
         net = self.net
         if self._use_fused(device):
-            coord_bias = net.coord_bias(tensor_prev.float(), glob.float()).detach()
-            sums = torch.ops.learnedopt.hier_step_(
-                params, grads, [s["coord"] for s in states], coord_bias.contiguous(), mean_log_lr.float(),
-                self._packed(device), lrs,
-                None if grad_scale is None else grad_scale.to(device),
+            stepped, new_t, new_g, new_log_lr_sums = fused_step_(
+                net, params, grads, [s["coord"] for s in states], tensor_prev, glob, numels, mean_log_lr,
+                self._packed(device), lrs, None if grad_scale is None else grad_scale.to(device),
                 None if found_inf is None else found_inf.to(device))
-
-            sums = sums.to(cdt)
-            stepped = sums[:, K_STEPPED] > 0
-            tin = sums[:, :K_D2] / numels.clamp_min(1)[:, None]
-            new_log_lr_sums = sums[:, K_LOG_LR]
-            new_t, new_g = net.advance_rnns(tin, tensor_prev, glob, stepped)
         else:
             stepped, new_t, new_g, new_log_lr_sums = self._reference_step(params, grads, states, lrs, tensor_prev,
                                                                           glob, grad_scale, found_inf)

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["HierarchicalNet", "HierState", "HierarchicalRule", "Rows", "step_reference", "coord_step_reference",
-           "initial_state", "segment_mean", "MAX_LOG_LR", "INIT_LOG_LR_RANGE"]
+           "initial_state", "fused_step_", "segment_mean", "MAX_LOG_LR", "INIT_LOG_LR_RANGE"]
 
 # Per-tensor sums returned by the fused op learnedopt::hier_step_ (csrc/hier_math.h): sum of h' (H),
 # of the features (F), of d², of the new log-lr, then a "stepped" flag (for H = 10, S = 4).
@@ -403,6 +403,30 @@ def step_reference(net: HierarchicalNet, params: Sequence[Tensor], grads: Sequen
         visible = torch.where(keep, visible, flat)
     new_params = [v.view_as(p).to(p.dtype) for v, p in zip(visible.split(sizes), params)]
     return new_params, HierState(new_rows, tensor_new, glob_new, theta_new if net.attention else state.theta)
+
+
+def fused_step_(net: HierarchicalNet, params: list[Tensor], grads: list[Tensor], coords: list[Tensor],
+                tensor_prev: Tensor, glob: Tensor, numels: Tensor, mean_log_lr: Tensor, packed: Tensor,
+                lrs: list[float], grad_scale: Tensor | None = None, found_inf: Tensor | None = None):
+    """One step through the fused in-place op ``learnedopt::hier_step_`` (parameters and per-tensor
+    coordinate rows ``coords`` [ROWS, n_i] changed in place), then the tensor and global RNNs. ``packed``
+    is ``net.packed_coord_weights()`` on the parameters' device, ``numels`` [T] the tensors' sizes and
+    ``mean_log_lr`` the mean log-lr over all coordinates (both in the dtype of ``tensor_prev``).
+    Returns ``(stepped [T], new tensor states [T, G], new global state, new per-tensor log-lr sums
+    [T])`` (not written anywhere: the caller keeps them). Used by the optimizer and by meta-training's
+    ES/PES estimators (:mod:`learnedopt.meta.estimators`)."""
+    from .. import ops
+
+    ops._require(params[0].device, "hier_step_")
+    cdt = tensor_prev.dtype
+    coord_bias = net.coord_bias(tensor_prev.float(), glob.float()).detach()
+    sums = torch.ops.learnedopt.hier_step_(params, grads, coords, coord_bias.contiguous(), mean_log_lr.float(),
+                                           packed, lrs, grad_scale, found_inf)
+    sums = sums.to(cdt)
+    stepped = sums[:, K_STEPPED] > 0
+    tin = sums[:, :K_D2] / numels.clamp_min(1)[:, None]
+    new_t, new_g = net.advance_rnns(tin, tensor_prev, glob, stepped)
+    return stepped, new_t, new_g, sums[:, K_LOG_LR]
 
 
 def initial_state(net: HierarchicalNet, params: Sequence[Tensor], log_lr: float = 0.0,
