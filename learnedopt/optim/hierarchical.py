@@ -11,6 +11,7 @@ from torch import Tensor
 from .. import ops
 from ..rules.hierarchical import (K_D2, K_LOG_LR, K_STEPPED, HierarchicalNet, HierState, device_values,
                                   step_reference)
+from . import _sharding
 from ._base import _LearnedOptimizer, check_gradients, check_nonnegative, resolve_net
 
 __all__ = ["HierarchicalOptimizer", "DEFAULT_HIERARCHICAL"]
@@ -131,7 +132,9 @@ class HierarchicalOptimizer(_LearnedOptimizer):
 
     def _init_state(self, p: Tensor, state: dict) -> None:
         dts = self._state_dtypes(p)
-        state["coord"] = self.net.initial_coord_state(p.numel(), 0.0, dtype=dts["coord"], device=p.device)
+        n = _sharding.local(p).numel()  # a DTensor's rows are [32, *p.shape], sharded like p (see _sharding)
+        state["coord"] = _sharding.state_like(
+            p, self.net.initial_coord_state(n, 0.0, dtype=dts["coord"], device=p.device), rows_first=True)
         state["tensor"] = self.net.tensor0.detach().to(device=p.device, dtype=dts["tensor"]).clone()
         state["log_lr_sum"] = torch.zeros((), dtype=dts["log_lr_sum"], device=p.device)
 
@@ -161,6 +164,12 @@ class HierarchicalOptimizer(_LearnedOptimizer):
         if self.global_state.device != device:
             raise RuntimeError(f"HierarchicalOptimizer: the parameters are on {device}, its global state on "
                                f"{self.global_state.device}")
+        specs = [_sharding.shard_spec("HierarchicalOptimizer", _sharding.param_name(self, p), p) for p in params]
+        shard_group = _sharding.reduction_group("HierarchicalOptimizer", specs)
+        if shard_group is not None and not self._use_fused(device):
+            raise RuntimeError("HierarchicalOptimizer: sharded (FSDP2) parameters need the fused op (fused=None or "
+                               "True and the compiled extension); the reference step (fused=False) runs on whole "
+                               "tensors only")
         grads, states, lrs = [], [], []
         for group in self.param_groups:
             for p in group["params"]:
@@ -183,14 +192,22 @@ class HierarchicalOptimizer(_LearnedOptimizer):
         net = self.net
         if self._use_fused(device):
             coord_bias = net.coord_bias(tensor_prev.float(), glob.float()).detach()
+            local_params = [_sharding.local(p) for p in params]
+            coords = [_sharding.local_view(s["coord"], rows_first=True) for s in states]
+            # Sharded: the kernel steps the local shards with lr = 0 (the coordinates' state and their
+            # partial sums; p - 0 * u leaves p as it is), the sums are reduced, then p -= lr / rms(d) * u.
             sums = torch.ops.learnedopt.hier_step_(
-                params, grads, [s["coord"] for s in states], coord_bias.contiguous(), mean_log_lr.float(),
-                self._packed(device), lrs,
+                local_params, [_sharding.local(p.grad) for p in params], coords, coord_bias.contiguous(),
+                mean_log_lr.float(), self._packed(device), lrs if shard_group is None else [0.0] * len(lrs),
                 None if grad_scale is None else grad_scale.to(device),
                 None if found_inf is None else found_inf.to(device))
-
-            sums = sums.to(cdt)
-            stepped = sums[:, K_STEPPED] > 0
+            if shard_group is None:
+                sums = sums.to(cdt)
+                stepped = sums[:, K_STEPPED] > 0
+            else:
+                sums, stepped = _sharding.reduce_hier_sums(sums, params, specs, shard_group, K_STEPPED)
+                sums = sums.to(cdt)
+                _sharding.apply_hier_update(local_params, coords, sums[:, K_D2], numels, lrs, stepped, net.rows.u)
             tin = sums[:, :K_D2] / numels.clamp_min(1)[:, None]
             new_log_lr_sums = sums[:, K_LOG_LR]
             new_t, new_g = net.advance_rnns(tin, tensor_prev, glob, stepped)
