@@ -262,12 +262,19 @@ class HierarchicalOptimizer(_LearnedOptimizer):
     def _save_extra(self, state_dict: dict[str, Any]) -> None:
         state_dict["net"] = {"pretrained": self.pretrained, "config": self.net.config(),
                              "weights": {k: v.detach().clone() for k, v in self.net.state_dict().items()}}
-        state_dict["global_state"] = self.global_state.detach().clone()
+        # The global RNN's state travels in the first parameter group, where
+        # torch.distributed.checkpoint's get_/set_optimizer_state_dict (which keep only "state" and
+        # "param_groups") carry it too. (Earlier checkpoints hold it at the top level.)
+        state_dict["param_groups"][0]["global_state"] = self.global_state.detach().clone()
 
     def _load_extra(self, state_dict: dict[str, Any]) -> None:
-
         net_sd = state_dict.pop("net", None)
         glob = state_dict.pop("global_state", None)
+        groups = [dict(g) for g in state_dict.get("param_groups", [])]
+        for g in groups:
+            if "global_state" in g:
+                glob = g.pop("global_state")
+        state_dict["param_groups"] = groups
         if net_sd is not None:
             if net_sd["config"] != self.net.config():
                 self.net = HierarchicalNet(**net_sd["config"]).to(next(self.net.parameters()).device)
