@@ -190,12 +190,13 @@ def main(argv=None):
     print(f"\n{'part':<5} {'world':>5} {'what':<34} {'time':>12} {'all-reduce':>12} {'share':>7} {'vs 1':>6}")
     for r in rows:
         if r["part"] == "step":
-            print(f"{'step':<5} {r['world']:>5} {'hier step, ' + r['sharding'] + f', {r['params']:,} params':<34} "
-                  f"{r['step_ms']:>9.2f} ms {r['allreduce_ms']:>9.3f} ms {100 * r['allreduce_share']:>6.2f}% "
-                  f"{r['speedup_vs_1']:>5.2f}x")
+            what = f"hier step, {r['sharding']}, {r['params']:,} params"
+            print(f"{'step':<5} {r['world']:>5} {what:<34} {r['step_ms']:>9.2f} ms {r['allreduce_ms']:>9.3f} ms "
+                  f"{100 * r['allreduce_share']:>6.2f}% {r['speedup_vs_1']:>5.2f}x")
         else:
-            print(f"{'meta':<5} {r['world']:>5} {f'{r['trajectories']} trajectories':<34} "
-                  f"{r['trajectories_per_s']:>7.2f} tr/s {'':>12} {'':>7} {r['speedup_vs_1']:>5.2f}x")
+            what = f"{r['trajectories']} trajectories"
+            print(f"{'meta':<5} {r['world']:>5} {what:<34} {r['trajectories_per_s']:>7.2f} tr/s {'':>12} {'':>7} "
+                  f"{r['speedup_vs_1']:>5.2f}x")
     result = {"benchmark": "distributed", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "git_rev": bcl.git_rev(), "torch": torch.__version__, "python": platform.python_version(),
               "cpu": bcl.cpu_name(), "cpu_count": os.cpu_count(), "backend": "gloo", "argv": sys.argv[1:],
