@@ -62,6 +62,11 @@ class HierarchicalOptimizer(_LearnedOptimizer):
     The problem the network sees is all parameters that have a gradient in a step: its global RNN
     reads their mean tensor state, and the relative log learning rate is against their mean.
 
+    Distributed: under DDP nothing changes. FSDP2 (``fully_shard``: DTensor parameters sharded on dim 0)
+    is stepped on the local shards, with the per-tensor sums reduced by one all-reduce per step on the
+    mesh's process group, so it computes what the unsharded optimizer computes (see
+    :mod:`learnedopt.optim._sharding` and README "Distributed"); other placements raise.
+
     Gradients: parameters without ``.grad`` are skipped; sparse or complex gradients raise. A
     parameter whose gradient holds a NaN or an inf is **skipped for that step** (neither it nor any of
     its state changes, and the global RNN does not see it). With ``torch.amp.GradScaler`` the gradients

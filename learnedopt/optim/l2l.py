@@ -49,6 +49,9 @@ class L2LOptimizer(_LearnedOptimizer):
             follows ``torch.optim.lr_scheduler``.
         weight_decay: L2 penalty added to the gradient before the network reads it.
 
+    Distributed: under DDP nothing changes; FSDP2 (``fully_shard``) parameters are stepped on their
+    local shards (the step is coordinatewise), with state sharded like them (README "Distributed").
+
     Gradients: parameters without ``.grad`` are skipped; sparse or complex gradients raise. A
     parameter whose gradient holds a NaN or an inf is **skipped for that step**: neither it nor its
     LSTM state changes. With ``torch.amp.GradScaler`` the gradients are unscaled inside the op and a
