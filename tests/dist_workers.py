@@ -250,3 +250,39 @@ def dcp(rank, world, kind, ckpt, phase, steps):
         synthetic_grads(params, step)
         opt.step()
     return {"params": [full(p) for p in params], "state": state_tensors(opt)}
+
+
+def fsdp_precision(rank, world, kind, steps):
+    """fully_shard with MixedPrecisionPolicy (bf16 compute, fp32 parameters and reduction) and a model
+    in bf16 (bf16 shards), trained as with torch.optim.Adam; the bf16 one against the unsharded bf16
+    model on the whole batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for name in ("mixed", "bf16"):
+        model = mlp()
+        if name == "bf16":
+            model = model.to(torch.bfloat16)
+        ref = copy.deepcopy(model)
+        pol = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if name == "mixed" else \
+            MixedPrecisionPolicy()
+        for m in model:
+            if isinstance(m, nn.Linear):
+                fully_shard(m, mesh=mesh, mp_policy=pol)
+        fully_shard(model, mesh=mesh, mp_policy=pol)
+        opt, ropt = make_opt(kind, model.parameters()), make_opt(kind, ref.parameters())
+        init = [full(p) for p in model.parameters()]
+        for step in range(steps):
+            x, y = batch(step, n=6 * world)
+            x = x.to(torch.bfloat16)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x.chunk(world)[rank]).float(), y.chunk(world)[rank]).backward()
+            opt.step()
+            ropt.zero_grad()
+            nn.functional.mse_loss(ref(x.to(next(ref.parameters()).dtype)).float(), y).backward()
+            ropt.step()
+        out[name] = {"init": init, "params": [full(p) for p in model.parameters()],
+                     "ref_params": [q.detach().clone() for q in ref.parameters()]}
+    return out

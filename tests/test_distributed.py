@@ -106,7 +106,8 @@ def fsdp_runs(tmp_path_factory):
         ("exact", "each_kind", dict(fn="fsdp_exact", steps=STEPS)),
         ("bf16", "fsdp_exact", dict(kind="hier", steps=3, state_dtype=torch.bfloat16)),
         ("train", "each_kind", dict(fn="fsdp_train", steps=4)),
-        ("refused", "placements_refused", {})])
+        ("refused", "placements_refused", {}),
+        ("precision", "each_kind", dict(fn="fsdp_precision", steps=3))])
     three = run_ranks(base, "several", 3, runs=[("exact", "each_kind", dict(fn="fsdp_exact", steps=STEPS))])
     return {2: two, 3: three}
 
@@ -153,6 +154,21 @@ def test_fsdp2_training_loop(fsdp_runs, kind):
         for p, q in zip(r["params"], r["ref_params"]):
             torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)
     assert res[0]["losses"][-1] < res[0]["losses"][0]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fsdp2_mixed_precision_and_bf16_parameters(fsdp_runs, kind):
+    """MixedPrecisionPolicy (bf16 compute; fp32 shards, gradients reduced in fp32) and bf16 parameters
+    train as with torch.optim.Adam: the same on both ranks, moved, finite; bf16 shards follow the
+    unsharded bf16 model to bf16 tolerance."""
+    res = [r["precision"][kind] for r in fsdp_runs[2]]
+    for name, dtype in (("mixed", torch.float32), ("bf16", torch.bfloat16)):
+        r0, r1 = res[0][name], res[1][name]
+        assert _equal(r0["params"], r1["params"])
+        assert all(p.dtype == dtype and torch.isfinite(p).all() for p in r0["params"])
+        assert not _equal(r0["params"], r0["init"])
+    for p, q in zip(res[0]["bf16"]["params"], res[0]["bf16"]["ref_params"]):
+        torch.testing.assert_close(p.float(), q.float(), atol=3e-2, rtol=3e-2)
 
 
 def test_unsupported_placements_refused(fsdp_runs):
