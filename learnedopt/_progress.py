@@ -16,5 +16,7 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
 
     forced = os.environ.get("LEARNEDOPT_PROGRESS", "")
     disable = {"1": False, "0": True}.get(forced, None)
+    if kwargs.pop("disable", None) is True:  # the caller's own "off" (e.g. ranks other than 0)
+        disable = True
     return tqdm(iterable, total=total, desc=desc, file=file if file is not None else sys.stderr, disable=disable,
                 dynamic_ncols=True, leave=kwargs.pop("leave", True), **kwargs)

@@ -38,6 +38,8 @@ commands:
                  meta-train a learned update rule (configs/*.json; "estimator": truncated BPTT,
                  ES or PES, docs/meta-training.md); writes
                  log.jsonl, checkpoint.pt (exact resume), best.pt, final.pt, curves.png.
+                 Distributed: `torchrun --nproc_per_node N -m learnedopt meta-train ...` (each rank
+                 its own trajectories, meta-gradients averaged; README "Distributed").
   export SRC DST.safetensors
                  convert a rule file (a meta-training run's best.pt / final.pt) to safetensors,
                  the format of the shipped weights (configuration and training record in its metadata).
@@ -121,8 +123,21 @@ def meta_train(args: list[str]) -> int:
     cfg = meta.MetaConfig.from_file(a.config)
     if a.epochs is not None:
         cfg.epochs = a.epochs
-    trainer = meta.MetaTrainer(cfg, a.out, resume=a.resume)
+    # Under torchrun (WORLD_SIZE > 1) every rank runs its own trajectories (learnedopt.meta.distributed);
+    # after a restart of failed workers (torchrun --max-restarts) the run continues from its checkpoint.
+    from .meta.distributed import init_from_env
+
+    distributed = init_from_env()
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    trainer = meta.MetaTrainer(cfg, a.out, resume=a.resume or restarted)
     trainer.run()
+    if distributed:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank:
+            return 0
     print(f"{PROG} meta-train: {trainer.epoch} epochs, {trainer.skipped} meta-steps skipped (non-finite); "
           f"best evaluation loss {trainer.best}; rule weights in {a.out}/best.pt and {a.out}/final.pt")
     return 0

@@ -22,6 +22,7 @@ from .._progress import progress
 from ..rules import make_rule, save_rule
 from ..tasks import TaskFamily, make_family
 from .checkpoints import init_weights, load_checkpoint, save_checkpoint
+from .distributed import average_meta_grads, barrier, broadcast_lengths, rank_and_world
 from .logs import plot_log
 from .objectives import LOG_EPS, OBJECTIVES
 from .estimators import ESTIMATORS, GradientEstimator, TruncatedBPTT, make_estimator
@@ -60,7 +61,10 @@ class MetaConfig:
     unroll_scale: float = 200.0
     unroll_min: int = 50
     max_trajectory_steps: int | None = None  # caps a heavy-tailed trajectory's length
-    epochs: int = 100  # trajectories
+    epochs: int = 100  # meta-batches of trajectories (one trajectory each, unless `trajectories` says more)
+    # trajectories per process run side by side; every meta-step takes the mean of their meta-gradients
+    # (and, under torchrun, of all ranks': N ranks = one process with N times the trajectories)
+    trajectories: int = 1
     meta_optimizer: str = "Adam"
     meta_lr: float = 1e-3
     meta_optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -107,6 +111,8 @@ class MetaConfig:
             raise ValueError(f"MetaConfig: clip_grad_value must be > 0 or null, got {self.clip_grad_value}")
         if self.unroll < 1 or self.num_steps < 1 or self.num_steps % self.unroll:
             raise ValueError(f"MetaConfig: num_steps ({self.num_steps}) must be a positive multiple of unroll ({self.unroll})")
+        if not (isinstance(self.trajectories, int) and self.trajectories >= 1):
+            raise ValueError(f"MetaConfig: trajectories must be an integer >= 1, got {self.trajectories!r}")
         if self.epochs < 0:
             raise ValueError(f"MetaConfig: epochs must be >= 0, got {self.epochs}")
         if not hasattr(torch.optim, self.meta_optimizer):
@@ -139,7 +145,8 @@ class MetaConfig:
 RESUME_FREE = ("epochs", "log_every", "threads", "checkpoint_every")
 # Keys added after checkpoints were written without them: left out of a checkpoint's config record
 # while at these defaults, so that those checkpoints still resume.
-_ADDED_KEYS = {"estimator": "bptt", "es_pairs": 8, "es_sigma": 0.01, "meta_lr_schedule": "constant"}
+_ADDED_KEYS = {"estimator": "bptt", "es_pairs": 8, "es_sigma": 0.01, "meta_lr_schedule": "constant",
+               "trajectories": 1}
 
 
 class MetaTrainer:
@@ -175,9 +182,10 @@ class MetaTrainer:
         self.best: float | None = None
         self.log_path = self.out / "log.jsonl"
         self.ckpt_path = self.out / "checkpoint.pt"
+        self.rank, self.world = rank_and_world()
         if resume and self.ckpt_path.is_file():
             self._load_checkpoint()
-        else:  # a fresh run: nothing of an earlier run in out_dir may pass for this one's
+        elif self.rank == 0:  # a fresh run: nothing of an earlier run in out_dir may pass for this one's
             for name in ("log.jsonl", "checkpoint.pt", "best.pt", "final.pt", "curves.png"):
                 (self.out / name).unlink(missing_ok=True)
             with open(self.out / "config.json", "w") as f:
@@ -202,6 +210,7 @@ class MetaTrainer:
             "generator": self.generator.get_state(),
             "log_lines": lines,
             "config": self._trajectory_config(),
+            "world": self.world,
         }, self.ckpt_path)
 
     def _load_checkpoint(self) -> None:
@@ -209,12 +218,15 @@ class MetaTrainer:
         if ck["config"] != self._trajectory_config():
             raise ValueError(f"MetaTrainer: {self.ckpt_path} was written with another config; resume with the "
                              f"same config (only {', '.join(RESUME_FREE)} may change) or start a new out_dir")
+        if ck.get("world", 1) != self.world:
+            raise ValueError(f"MetaTrainer: {self.ckpt_path} was written by {ck.get('world', 1)} processes, this run "
+                             f"has {self.world}; resume with as many (each runs its own trajectories)")
         self.epoch, self.skipped, self.best = ck["epoch"], ck["skipped"], ck["best"]
         self.meta_steps = ck.get("meta_steps", 0)  # absent before meta_lr_schedule existed (constant only)
         self.rule.load_state_dict(ck["rule"])
         self.meta_opt.load_state_dict(ck["meta_opt"])
         self.generator.set_state(ck["generator"])
-        if self.log_path.exists():  # drop records written after the checkpoint
+        if self.rank == 0 and self.log_path.exists():  # drop records written after the checkpoint
             with open(self.log_path) as f:
                 kept = f.readlines()[: ck["log_lines"]]
             with open(self.log_path, "w") as f:
@@ -240,23 +252,61 @@ class MetaTrainer:
             return TruncatedBPTT(config.second_derivatives)
         return make_estimator(config.estimator, pairs=config.es_pairs, sigma=config.es_sigma)
 
+    def _generator_of(self, k: int) -> torch.Generator:
+        """The random stream of trajectory k of the current meta-batch (k = rank * trajectories + b):
+        the trainer's generator for k = 0 (a one-trajectory run draws everything from it, as always),
+        a generator seeded from (seed, epoch, k) for the others."""
+        if k == 0:
+            return self.generator
+        return torch.Generator().manual_seed(hash((self.config.seed, self.epoch, k)) & (2**63 - 1))
+
     def train_epoch(self) -> dict[str, Any]:
+        """One meta-batch: ``trajectories`` trajectories on this process (of all ranks' under
+        torchrun), unrolled side by side; each meta-step averages their meta-gradients."""
         cfg = self.config
-        task = self.family.sample(self.generator)
-        traj = self.estimator.start(self.rule, task, self.generator)
+        rank, world = rank_and_world()
+        B = cfg.trajectories
+        gens = [self._generator_of(rank * B + b) for b in range(B)]
+        tasks, trajs = [], []
+        for g in gens:
+            tasks.append(self.family.sample(g))
+            trajs.append(self.estimator.start(self.rule, tasks[-1], g))
+        task = tasks[0]
+        if cfg.unroll_schedule == "fixed":
+            lengths = self.schedule()
+        else:  # drawn from trajectory 0's generator, on rank 0
+            lengths = broadcast_lengths(self.schedule() if rank == 0 else [])
+        params = list(self.rule.parameters())
         meta_losses, skipped, norms = [], 0, []
-        lengths = self.schedule()
         for k, length in enumerate(lengths):
             self.meta_opt.zero_grad(set_to_none=True)
-            est = self.estimator.estimate(self.rule, traj, length, self.generator, cfg.objective, cfg.validation,
-                                          last=k == len(lengths) - 1)
-            traj, losses = est.traj, est.losses
-            ok = math.isfinite(est.meta_loss)
+            ok, loss_sum = True, 0.0
+            total: list | None = None  # B > 1: the sum of the trajectories' meta-gradients
+            for b in range(B):
+                est = self.estimator.estimate(self.rule, trajs[b], length, gens[b], cfg.objective, cfg.validation,
+                                              last=k == len(lengths) - 1)
+                trajs[b] = est.traj
+                if b == 0:
+                    losses = est.losses
+                if not math.isfinite(est.meta_loss):
+                    ok = False
+                    break
+                loss_sum += est.meta_loss
+                if B > 1:  # an estimator writes .grad (ES/PES assign it): sum them here
+                    got = [p.grad for p in params]
+                    total = got if total is None else [
+                        t if g is None else g if t is None else t + g for t, g in zip(total, got)]
+                    for p in params:
+                        p.grad = None
+            if B > 1 and ok:
+                for p, t in zip(params, total):
+                    p.grad = t
+            ok, mean_loss = average_meta_grads(params, B * world, ok, loss_sum)
             if ok:
-                grads = [p.grad for p in self.rule.parameters() if p.grad is not None]
+                grads = [p.grad for p in params if p.grad is not None]
                 norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.tensor(0.0)
                 ok = bool(torch.isfinite(norm))
-            if not ok:  # skip the meta-step; the trajectory has diverged: stop it
+            if not ok:  # skip the meta-step; the trajectories have diverged: stop them
                 skipped += 1
                 self.meta_opt.zero_grad(set_to_none=True)
                 break
@@ -272,11 +322,11 @@ class MetaTrainer:
             project = getattr(self.rule, "project_", None)
             if project is not None:
                 project()
-            meta_losses.append(est.meta_loss)
+            meta_losses.append(mean_loss)
             norms.append(float(norm))
         self.skipped += skipped
         rec = {"epoch": self.epoch + 1, "task": getattr(task, "name", type(task).__name__),
-               "steps": self.estimator.step_of(traj),
+               "steps": self.estimator.step_of(trajs[0]),
                "meta_loss": sum(meta_losses) / len(meta_losses) if meta_losses else None,
                "final_loss": losses[-1] if meta_losses else None,
                "grad_norm": max(norms) if norms else None, "skipped": skipped}
@@ -322,16 +372,20 @@ class MetaTrainer:
         return sum(finals) / len(finals)
 
     def run(self) -> nn.Module:
-        """Trains until ``config.epochs``; returns the rule (with the final weights)."""
+        """Trains until ``config.epochs``; returns the rule (with the final weights). Under torchrun every
+        rank trains; rank 0 evaluates and writes the log, checkpoints, weights and plot."""
         cfg = self.config
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        bar = progress(total=cfg.epochs, initial=self.epoch, desc="meta-train", unit="epoch")
+        main = self.rank == 0
+        bar = progress(total=cfg.epochs, initial=self.epoch, desc="meta-train", unit="epoch", disable=not main)
         while self.epoch < cfg.epochs:
             t0 = time.time()
             rec = self.train_epoch()
             self.epoch += 1
             rec["time"] = round(time.time() - t0, 4)
+            if not main:
+                continue
             text = f"meta-loss {rec['meta_loss']:.4g}" if rec["meta_loss"] is not None else "meta-loss non-finite"
             if cfg.eval_every and self.epoch % cfg.eval_every == 0:
                 ev = self.evaluate()
@@ -350,9 +404,11 @@ class MetaTrainer:
             if self.epoch % max(1, cfg.checkpoint_every) == 0 or self.epoch == cfg.epochs:
                 self._checkpoint()
         bar.close()
-        save_rule(self.rule, self.out / "final.pt", extra={"epoch": self.epoch})
-        try:
-            plot_log(self.log_path, self.out / "curves.png")
-        except ImportError:
-            pass
+        if main:
+            save_rule(self.rule, self.out / "final.pt", extra={"epoch": self.epoch})
+            try:
+                plot_log(self.log_path, self.out / "curves.png")
+            except ImportError:
+                pass
+        barrier()
         return self.rule

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..rules.hierarchical import (HierarchicalNet, HierState, device_values, fused_step_,
+from ..rules.hierarchical import (K_D2, K_STEPPED, HierarchicalNet, HierState, device_values, fused_step_,
                                   step_reference)
+from . import _sharding
 from ._base import _LearnedOptimizer, check_gradients, check_nonnegative, resolve_net
 
 __all__ = ["HierarchicalOptimizer", "DEFAULT_HIERARCHICAL"]
@@ -60,6 +61,11 @@ class HierarchicalOptimizer(_LearnedOptimizer):
     ``["log_lr_sum"]``; the global GRU's state is ``optimizer.global_state`` (saved in the state dict).
     The problem the network sees is all parameters that have a gradient in a step: its global RNN
     reads their mean tensor state, and the relative log learning rate is against their mean.
+
+    Distributed: under DDP nothing changes. FSDP2 (``fully_shard``: DTensor parameters sharded on dim 0)
+    is stepped on the local shards, with the per-tensor sums reduced by one all-reduce per step on the
+    mesh's process group, so it computes what the unsharded optimizer computes (see
+    :mod:`learnedopt.optim._sharding` and README "Distributed"); other placements raise.
 
     Gradients: parameters without ``.grad`` are skipped; sparse or complex gradients raise. A
     parameter whose gradient holds a NaN or an inf is **skipped for that step** (neither it nor any of
@@ -131,7 +137,9 @@ class HierarchicalOptimizer(_LearnedOptimizer):
 
     def _init_state(self, p: Tensor, state: dict) -> None:
         dts = self._state_dtypes(p)
-        state["coord"] = self.net.initial_coord_state(p.numel(), 0.0, dtype=dts["coord"], device=p.device)
+        n = _sharding.local(p).numel()  # a DTensor's rows are [32, *p.shape], sharded like p (see _sharding)
+        state["coord"] = _sharding.state_like(
+            p, self.net.initial_coord_state(n, 0.0, dtype=dts["coord"], device=p.device), rows_first=True)
         state["tensor"] = self.net.tensor0.detach().to(device=p.device, dtype=dts["tensor"]).clone()
         state["log_lr_sum"] = torch.zeros((), dtype=dts["log_lr_sum"], device=p.device)
 
@@ -161,6 +169,12 @@ class HierarchicalOptimizer(_LearnedOptimizer):
         if self.global_state.device != device:
             raise RuntimeError(f"HierarchicalOptimizer: the parameters are on {device}, its global state on "
                                f"{self.global_state.device}")
+        specs = [_sharding.shard_spec("HierarchicalOptimizer", _sharding.param_name(self, p), p) for p in params]
+        shard_group = _sharding.reduction_group("HierarchicalOptimizer", specs)
+        if shard_group is not None and not self._use_fused(device):
+            raise RuntimeError("HierarchicalOptimizer: sharded (FSDP2) parameters need the fused op (fused=None or "
+                               "True and the compiled extension); the reference step (fused=False) runs on whole "
+                               "tensors only")
         grads, states, lrs = [], [], []
         for group in self.param_groups:
             for p in group["params"]:
@@ -182,10 +196,23 @@ class HierarchicalOptimizer(_LearnedOptimizer):
         found_inf = getattr(self, "found_inf", None)
         net = self.net
         if self._use_fused(device):
+            local_params = [_sharding.local(p) for p in params]
+            coords = [_sharding.local_view(s["coord"], rows_first=True) for s in states]
+            reduce = None
+            if shard_group is not None:
+                # Sharded: the kernel stepped the local shards with lr = 0 (the coordinates' state and
+                # their partial sums; p - 0 * u leaves p as it is); the sums are reduced, then
+                # p -= lr / rms(d) * u.
+                def reduce(sums):
+                    sums, stepped = _sharding.reduce_hier_sums(sums, params, specs, shard_group, K_STEPPED)
+                    sums = sums.to(cdt)
+                    _sharding.apply_hier_update(local_params, coords, sums[:, K_D2], numels, lrs, stepped,
+                                                net.rows.u)
+                    return sums, stepped
             stepped, new_t, new_g, new_log_lr_sums = fused_step_(
-                net, params, grads, [s["coord"] for s in states], tensor_prev, glob, numels, mean_log_lr,
-                self._packed(device), lrs, None if grad_scale is None else grad_scale.to(device),
-                None if found_inf is None else found_inf.to(device))
+                net, local_params, [_sharding.local(g) for g in grads], coords, tensor_prev, glob, numels,
+                mean_log_lr, self._packed(device), lrs, None if grad_scale is None else grad_scale.to(device),
+                None if found_inf is None else found_inf.to(device), reduce=reduce)
         else:
             stepped, new_t, new_g, new_log_lr_sums = self._reference_step(params, grads, states, lrs, tensor_prev,
                                                                           glob, grad_scale, found_inf)
@@ -237,12 +264,19 @@ class HierarchicalOptimizer(_LearnedOptimizer):
     def _save_extra(self, state_dict: dict[str, Any]) -> None:
         state_dict["net"] = {"pretrained": self.pretrained, "config": self.net.config(),
                              "weights": {k: v.detach().clone() for k, v in self.net.state_dict().items()}}
-        state_dict["global_state"] = self.global_state.detach().clone()
+        # The global RNN's state travels in the first parameter group, where
+        # torch.distributed.checkpoint's get_/set_optimizer_state_dict (which keep only "state" and
+        # "param_groups") carry it too. (Earlier checkpoints hold it at the top level.)
+        state_dict["param_groups"][0]["global_state"] = self.global_state.detach().clone()
 
     def _load_extra(self, state_dict: dict[str, Any]) -> None:
-
         net_sd = state_dict.pop("net", None)
         glob = state_dict.pop("global_state", None)
+        groups = [dict(g) for g in state_dict.get("param_groups", [])]
+        for g in groups:
+            if "global_state" in g:
+                glob = g.pop("global_state")
+        state_dict["param_groups"] = groups
         if net_sd is not None:
             if net_sd["config"] != self.net.config():
                 self.net = HierarchicalNet(**net_sd["config"]).to(next(self.net.parameters()).device)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import ops
 from ..rules.l2l import CoordinateLSTMNet
+from . import _sharding
 from ._base import _LearnedOptimizer, check_gradients, check_nonnegative, resolve_net, state_dtype_of
 
 __all__ = ["L2LOptimizer", "DEFAULT_L2L"]
@@ -47,6 +48,9 @@ class L2LOptimizer(_LearnedOptimizer):
         lr: multiplies the update (``lr = 0`` leaves parameters unchanged). May differ per group and
             follows ``torch.optim.lr_scheduler``.
         weight_decay: L2 penalty added to the gradient before the network reads it.
+
+    Distributed: under DDP nothing changes; FSDP2 (``fully_shard``) parameters are stepped on their
+    local shards (the step is coordinatewise), with state sharded like them (README "Distributed").
 
     Gradients: parameters without ``.grad`` are skipped; sparse or complex gradients raise. A
     parameter whose gradient holds a NaN or an inf is **skipped for that step**: neither it nor its
@@ -86,8 +90,11 @@ class L2LOptimizer(_LearnedOptimizer):
         return weights
 
     def _init_state(self, p: Tensor) -> Tensor:
+        """[numel, width] zeros; for a DTensor parameter a DTensor [*p.shape, width] sharded like it."""
         width = 2 * sum(self.net.layers)
-        return torch.zeros(p.numel(), width, dtype=self._state_dtypes(p)["lstm"], device=p.device)
+        n = _sharding.local(p).numel()
+        return _sharding.state_like(p, torch.zeros(n, width, dtype=self._state_dtypes(p)["lstm"], device=p.device),
+                                    rows_first=False)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -104,6 +111,8 @@ class L2LOptimizer(_LearnedOptimizer):
         check_gradients("L2LOptimizer", stepped)
         for p in stepped:
             ops._require(p.device, "L2LOptimizer.step")
+            # L2L is coordinatewise: a DTensor (FSDP2) parameter is stepped on its local shard
+            _sharding.shard_spec("L2LOptimizer", _sharding.param_name(self, p), p)
         for group in self.param_groups:
             by_device: dict[torch.device, tuple[list, list, list]] = {}
             for p in group["params"]:
@@ -113,9 +122,9 @@ class L2LOptimizer(_LearnedOptimizer):
                 if "lstm" not in state:
                     state["lstm"] = self._init_state(p)
                 params, grads, states = by_device.setdefault(p.device, ([], [], []))
-                params.append(p)
-                grads.append(p.grad)
-                states.append(state["lstm"])
+                params.append(_sharding.local(p))
+                grads.append(_sharding.local(p.grad))
+                states.append(_sharding.local_view(state["lstm"], rows_first=False))
             for device, (params, grads, states) in by_device.items():
                 w_ih, w_hh, b, w_out, b_out = self._weights(device)
                 torch.ops.learnedopt.l2l_step_(

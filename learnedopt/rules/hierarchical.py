@@ -45,7 +45,7 @@ kernels share one layout). With H = 10 and S = 4 that is 32 rows.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -407,23 +407,32 @@ def step_reference(net: HierarchicalNet, params: Sequence[Tensor], grads: Sequen
 
 def fused_step_(net: HierarchicalNet, params: list[Tensor], grads: list[Tensor], coords: list[Tensor],
                 tensor_prev: Tensor, glob: Tensor, numels: Tensor, mean_log_lr: Tensor, packed: Tensor,
-                lrs: list[float], grad_scale: Tensor | None = None, found_inf: Tensor | None = None):
+                lrs: list[float], grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+                reduce: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None):
     """One step through the fused in-place op ``learnedopt::hier_step_`` (parameters and per-tensor
     coordinate rows ``coords`` [ROWS, n_i] changed in place), then the tensor and global RNNs. ``packed``
     is ``net.packed_coord_weights()`` on the parameters' device, ``numels`` [T] the tensors' sizes and
     ``mean_log_lr`` the mean log-lr over all coordinates (both in the dtype of ``tensor_prev``).
     Returns ``(stepped [T], new tensor states [T, G], new global state, new per-tensor log-lr sums
     [T])`` (not written anywhere: the caller keeps them). Used by the optimizer and by meta-training's
-    ES/PES estimators (:mod:`learnedopt.meta.estimators`)."""
+    ES/PES estimators (:mod:`learnedopt.meta.estimators`).
+
+    ``reduce``: for tensors sharded across processes (FSDP2, :mod:`learnedopt.optim._sharding`), the op
+    steps the local shards with lr = 0 (their coordinates' state and partial sums; the parameters stay
+    as they are) and ``reduce(partial sums [T, K])`` returns the whole tensors' ``(sums in the dtype of
+    tensor_prev, stepped)``, having applied the update to the shards."""
     from .. import ops
 
     ops._require(params[0].device, "hier_step_")
     cdt = tensor_prev.dtype
     coord_bias = net.coord_bias(tensor_prev.float(), glob.float()).detach()
     sums = torch.ops.learnedopt.hier_step_(params, grads, coords, coord_bias.contiguous(), mean_log_lr.float(),
-                                           packed, lrs, grad_scale, found_inf)
-    sums = sums.to(cdt)
-    stepped = sums[:, K_STEPPED] > 0
+                                           packed, lrs if reduce is None else [0.0] * len(lrs), grad_scale, found_inf)
+    if reduce is None:
+        sums = sums.to(cdt)
+        stepped = sums[:, K_STEPPED] > 0
+    else:
+        sums, stepped = reduce(sums)
     tin = sums[:, :K_D2] / numels.clamp_min(1)[:, None]
     new_t, new_g = net.advance_rnns(tin, tensor_prev, glob, stepped)
     return stepped, new_t, new_g, sums[:, K_LOG_LR]

@@ -1,0 +1,195 @@
+"""The learned optimizers on PyTorch's distributed stack, with real processes (gloo, CPU, 2 and 3 ranks):
+DDP, FSDP2 (fully_shard: DTensor parameters sharded on dim 0, uneven and empty shards), refused
+placements, and torch.distributed.checkpoint with resharding. Each run is bounded by a timeout.
+Select them with ``-m distributed``; they run in the default suite."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import learnedopt
+import dist_workers
+from dist_workers import KINDS, make_opt, mlp
+
+pytestmark = [pytest.mark.distributed,
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
+              pytest.mark.skipif(not learnedopt.ops.extension_available(), reason="needs the compiled extension")]
+
+TIMEOUT = 240  # seconds per run of N processes (2 cores shared by all of them)
+
+
+def run_ranks(tmp_path, fn_name: str, world: int, timeout: float = TIMEOUT, **kwargs) -> list[dict]:
+    """Runs dist_workers.<fn_name>(rank, world, **kwargs) in `world` spawned processes (gloo, a file
+    store); returns their results by rank. A process that fails or outlives `timeout` fails the test
+    with its traceback."""
+    out = tmp_path / f"{fn_name}-{world}-{time.monotonic_ns()}"
+    out.mkdir()
+    store = str(out / "store")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=dist_workers.entry, args=(fn_name, r, world, store, str(out), kwargs))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    alive = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    errors = [(out / f"rank{r}.err").read_text() for r in range(world) if (out / f"rank{r}.err").exists()]
+    if errors:
+        pytest.fail(f"{fn_name} on {world} ranks failed:\n" + "\n".join(errors))
+    if alive:
+        pytest.fail(f"{fn_name} on {world} ranks: ranks {alive} still running after {timeout} s (killed)")
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, f"{fn_name}: exit codes {codes}"
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b)
+
+
+# -- DDP -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    return run_ranks(tmp_path_factory.mktemp("ddp"), "each_kind", 2, fn="ddp", steps=6)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_ddp_ranks_bitwise_equal_and_equal_to_one_process(ddp_runs, kind):
+    r0, r1 = (r[kind] for r in ddp_runs)
+    # every rank holds bitwise the same parameters and optimizer state (the global RNN's included)
+    assert _equal(r0["params"], r1["params"]) and _equal(r0["state"], r1["state"])
+    assert not _equal(r0["init"], r0["params"])  # it moved
+    # one process given the same averaged gradients lands on bitwise the same point
+    torch.set_num_threads(1)
+    model = mlp()
+    for p, q in zip(model.parameters(), r0["init"]):
+        assert torch.equal(p.detach(), q)
+    opt = make_opt(kind, model.parameters())
+    for grads in r0["grads"]:
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        opt.step()
+    assert _equal([p.detach() for p in model.parameters()], r0["params"])
+    assert _equal(dist_workers.state_tensors(opt), r0["state"])
+
+
+# -- FSDP2 ---------------------------------------------------------------------------------------
+def _close_states(state, ref, **tol):
+    assert state.keys() == ref.keys()
+    for k in state:
+        torch.testing.assert_close(state[k].reshape(ref[k].shape), ref[k], **tol, msg=lambda m: f"state {k}: {m}")
+
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """One start of 2 processes and one of 3 for every FSDP2 check."""
+    base = tmp_path_factory.mktemp("fsdp")
+    two = run_ranks(base, "several", 2, runs=[
+        ("exact", "each_kind", dict(fn="fsdp_exact", steps=STEPS)),
+        ("bf16", "fsdp_exact", dict(kind="hier", steps=3, state_dtype=torch.bfloat16)),
+        ("train", "each_kind", dict(fn="fsdp_train", steps=4)),
+        ("refused", "placements_refused", {}),
+        ("precision", "each_kind", dict(fn="fsdp_precision", steps=3))])
+    three = run_ranks(base, "several", 3, runs=[("exact", "each_kind", dict(fn="fsdp_exact", steps=STEPS))])
+    return {2: two, 3: three}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fsdp2_equals_unsharded(fsdp_runs, kind, world):
+    """Sharded (uneven shards; on 3 ranks one empty) and unsharded optimizers given the same gradients
+    agree to float tolerance (L2L, coordinatewise: bitwise); the hierarchical one reduces its
+    per-tensor sums with ONE all-reduce per step; its global state is bitwise the same on every rank."""
+    steps = STEPS
+    res = [r["exact"][kind] for r in fsdp_runs[world]]
+    shapes = [r["local_shapes"] for r in res]
+    assert [s[2][0] for s in shapes] == ([1, 1] if world == 2 else [1, 1, 0])  # the 2-row weight's shards
+    assert [s[0][0] for s in shapes] == ([7, 6] if world == 2 else [5, 5, 3])
+    for r in res:
+        if kind == "l2l":
+            assert _equal(r["params"], r["ref_params"])
+            _close_states(r["state"], r["ref_state"], atol=0, rtol=0)
+        else:
+            for p, q in zip(r["params"], r["ref_params"]):
+                torch.testing.assert_close(p, q, atol=2e-6, rtol=2e-5)
+            _close_states(r["state"], r["ref_state"], atol=2e-5, rtol=2e-5)
+        assert r["calls"] == ([0] * steps if kind == "l2l" else [1] * steps)
+    for r in res[1:]:
+        assert _equal(r["state"], res[0]["state"])  # the gathered state, the global RNN's included
+
+
+def test_fsdp2_hierarchical_bf16_state(fsdp_runs):
+    res = [r["bf16"] for r in fsdp_runs[2]]
+    for r in res:
+        for p, q in zip(r["params"], r["ref_params"]):
+            torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+    assert _equal(res[0]["state"], res[1]["state"])
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fsdp2_training_loop(fsdp_runs, kind):
+    """fully_shard's own loop (each rank a part of the batch) follows the unsharded model on the whole
+    batch over a few steps (another summation order of the gradients: float tolerance, which L2L
+    amplifies over many steps, see README "Distributed")."""
+    res = [r["train"][kind] for r in fsdp_runs[2]]
+    for r in res:
+        for p, q in zip(r["params"], r["ref_params"]):
+            torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)
+    assert res[0]["losses"][-1] < res[0]["losses"][0]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fsdp2_mixed_precision_and_bf16_parameters(fsdp_runs, kind):
+    """MixedPrecisionPolicy (bf16 compute; fp32 shards, gradients reduced in fp32) and bf16 parameters
+    train as with torch.optim.Adam: the same on both ranks, moved, finite; bf16 shards follow the
+    unsharded bf16 model to bf16 tolerance."""
+    res = [r["precision"][kind] for r in fsdp_runs[2]]
+    for name, dtype in (("mixed", torch.float32), ("bf16", torch.bfloat16)):
+        r0, r1 = res[0][name], res[1][name]
+        assert _equal(r0["params"], r1["params"])
+        assert all(p.dtype == dtype and torch.isfinite(p).all() for p in r0["params"])
+        assert not _equal(r0["params"], r0["init"])
+    for p, q in zip(res[0]["bf16"]["params"], res[0]["bf16"]["ref_params"]):
+        torch.testing.assert_close(p.float(), q.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_unsupported_placements_refused(fsdp_runs):
+    res = [r["refused"] for r in fsdp_runs[2]]
+    for kind in KINDS:
+        msg = res[0][kind]
+        assert msg is not None and "Shard(dim=1)" in msg and "tensor parallel" in msg and "param_groups[0]" in msg, msg
+        assert res[0][kind + "_unchanged"]
+
+
+# -- distributed checkpoints ---------------------------------------------------------------------
+def test_dcp_reshard_2_to_3_and_1(tmp_path):
+    """Saved on 2 ranks, loaded on 3 and on 1: the continued trajectory is the one without the reload."""
+    steps = 3
+    runs = lambda phase: [(k, "dcp", dict(kind=k, ckpt=str(tmp_path / k), phase=phase, steps=steps)) for k in KINDS]  # noqa: E731
+    saved = run_ranks(tmp_path, "several", 2, runs=runs("save"))[0]
+    for world in (3, 1):
+        loaded = run_ranks(tmp_path, "several", world, runs=runs("load"))
+        for r, kind in ((r[kind], kind) for r in loaded for kind in KINDS):
+            tol = dict(atol=0, rtol=0) if kind == "l2l" else dict(atol=2e-6, rtol=2e-5)
+            saved_k = saved[kind]
+            for p, q in zip(r["params"], saved_k["params"]):
+                torch.testing.assert_close(p, q, **tol)
+            _close_states(r["state"], saved_k["state"], **tol)
