@@ -120,7 +120,11 @@ def meta_train(args: list[str]) -> int:
     cfg = meta.MetaConfig.from_file(a.config)
     if a.epochs is not None:
         cfg.epochs = a.epochs
-    trainer = meta.MetaTrainer(cfg, a.out, resume=a.resume)
+    try:
+        trainer = meta.MetaTrainer(cfg, a.out, resume=a.resume)
+    except meta.CheckpointError as e:
+        print(f"{PROG} meta-train: error: {e}", file=sys.stderr)
+        return 1
     trainer.run()
     print(f"{PROG} meta-train: {trainer.epoch} epochs, {trainer.skipped} meta-steps skipped (non-finite); "
           f"best evaluation loss {trainer.best}; rule weights in {a.out}/best.pt and {a.out}/final.pt")
