@@ -140,3 +140,26 @@ def test_huge_finite_gradient_l2l(device):
         opt.step()
     assert all(torch.isfinite(p).all() for p in params)
     assert all(torch.isfinite(opt.state[p]["lstm"]).all() for p in params)
+
+
+# -- the meta-training unroll ------------------------------------------------------------------------
+@pytest.mark.parametrize("rule_name", ["l2l", "hierarchical"])
+@pytest.mark.parametrize("objective", ["log_ratio", "log_final"])
+@pytest.mark.parametrize("x0", [1e15, 1e18, 1.8e19])  # losses 1e30 .. 3.2e38, gradients 2e15 .. 3.6e19
+def test_unroll_with_huge_losses_is_finite_under_the_log_objectives(rule_name, objective, x0):
+    from learnedopt import meta
+    from learnedopt.rules import make_rule
+    from learnedopt.tasks.classic import SimpleTask
+
+    torch.manual_seed(0)
+    kw = dict(layers=[5], preprocess="log_sign") if rule_name == "l2l" else {}
+    rule = make_rule(rule_name, **kw)
+    g = torch.Generator().manual_seed(0)
+    carry = meta.start(rule, SimpleTask(x0=x0), g)
+    meta_loss, carry, losses = meta.unroll(rule, carry, 4, g, objective)
+    assert all(math.isfinite(v) for v in losses) and torch.isfinite(meta_loss)
+    meta_loss.backward()
+    for name, p in rule.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+    assert all(torch.isfinite(p).all() for p in carry.params)
