@@ -163,3 +163,39 @@ def test_unroll_with_huge_losses_is_finite_under_the_log_objectives(rule_name, o
         if p.grad is not None:
             assert torch.isfinite(p.grad).all(), name
     assert all(torch.isfinite(p).all() for p in carry.params)
+
+
+# -- coord_lstm with large cells and saturated gates -----------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stack", [False, True], ids=["cell", "stack"])
+def test_coord_lstm_backward_with_a_saturated_forget_gate_and_huge_cells(device, stack):
+    # c = 1e30, forget gate saturated (f == 1 exactly in float32), incoming gradients 1e10: d z_f is
+    # c f (1 - f) dct = 0, where (dct * c) alone overflows; the float64 reference is finite.
+    from learnedopt import ops, reference
+
+    g = torch.Generator().manual_seed(0)
+    N, I, H = 9, 3, 4
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x, h, c, w_ih, w_hh, b = r(N, I), r(N, H), torch.full((N, H), 1e30, dtype=torch.float64), r(4 * H, I), \
+        r(4 * H, H), r(4 * H)
+    b[H:2 * H] = 200.0
+    ins64 = [t.requires_grad_() for t in (x, h, c, w_ih, w_hh, b)]
+    ins = [t.detach().float().to(device).requires_grad_() for t in ins64]
+    if stack:
+        w_out, b_out = r(2, H), r(2)
+        y, hn, cn = ops.coord_lstm_stack(ins[0], [ins[1]], [ins[2]], [ins[3]], [ins[4]], [ins[5]],
+                                         w_out.float().to(device), b_out.float().to(device))
+        ry, rh, rc = reference.coord_lstm_stack(ins64[0], [ins64[1]], [ins64[2]], [ins64[3]], [ins64[4]], [ins64[5]],
+                                                w_out, b_out)
+        (y.sum() * 1e10 + cn[0].sum() * 1e10).backward()
+        (ry.sum() * 1e10 + rc[0].sum() * 1e10).backward()
+    else:
+        hn, cn = ops.coord_lstm(*ins)
+        rh, rc = reference.coord_lstm(*ins64)
+        (hn.sum() * 1e10 + cn.sum() * 1e10).backward()
+        (rh.sum() * 1e10 + rc.sum() * 1e10).backward()
+    for k, (a, want) in enumerate(zip(ins, ins64)):
+        assert torch.isfinite(want.grad).all()
+        assert torch.isfinite(a.grad).all(), k
+        scale = want.grad.abs().max().item()
+        torch.testing.assert_close(a.grad.double() / scale, want.grad / scale, rtol=1e-4, atol=1e-4)
