@@ -89,6 +89,7 @@ CHILD = textwrap.dedent("""
     from learnedopt.meta import MetaConfig, MetaTrainer
     from learnedopt.meta import checkpoints
     out, marker = Path(sys.argv[1]), Path(sys.argv[2])
+    torch.set_num_threads(int(sys.argv[3]))  # the parent's: the same reductions, the same bits
     real_save = torch.save
     calls = []
 
@@ -115,7 +116,8 @@ def test_sigkill_during_a_checkpoint_write_leaves_a_usable_checkpoint(tmp_path):
     cfg = small_config(epochs=5)
     out, marker = tmp_path / "run", tmp_path / "writing"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")] + sys.path))
-    child = subprocess.Popen([sys.executable, "-c", CHILD.replace("{CFG}", repr(cfg.to_dict())), str(out), str(marker)],
+    child = subprocess.Popen([sys.executable, "-c", CHILD.replace("{CFG}", repr(cfg.to_dict())), str(out), str(marker),
+                              str(torch.get_num_threads())],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120

@@ -30,8 +30,6 @@ from learnedopt.optim import HierarchicalOptimizer, L2LOptimizer
 from learnedopt.rules.hierarchical import HierarchicalNet
 from learnedopt.rules.l2l import CoordinateLSTMNet
 
-torch.set_num_threads(1)
-
 TOL = dict(rtol=1e-4, atol=1e-4)  # the fused-vs-reference tolerance of tests/test_hierarchical.py
 NET_H = None
 NET_L = None
