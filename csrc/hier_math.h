@@ -67,6 +67,14 @@ constexpr int K = K_STEPPED + 1;  // 25
 constexpr double MAX_LOG_LR = 33.0;
 constexpr double MS_EPS = 1e-12;
 constexpr double RMS_EPS = 1e-16;
+// Finite in, finite out: a gradient is saturated to [-GRAD_MAX, GRAD_MAX] before it enters the
+// momenta, so every momentum is at most GRAD_MAX in magnitude and every square and mean square at
+// most GRAD_MAX^2 = 1e36 (finite in float32 and bfloat16, whose maximum is ~3.4e38). The cell's inputs
+// are scale-free (a / rms, log ms minus its mean over the timescales), so a gradient above 1e18 gives
+// the inputs that exact arithmetic would give (to a relative ~(|history| / 1e18)^2): the saturation
+// changes no result of an ordinary gradient and keeps those of an exploding one meaningful.
+// (learnedopt.rules.hierarchical.GRAD_MAX is the same constant.)
+constexpr double GRAD_MAX = 1e18;
 
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T clamp(T x, T lo, T hi) {
@@ -88,6 +96,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T asinh_(T x) {
 template <typename T, typename W>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void coord_step(const W& w, const T* bias, T mean_log_lr, T g, T* st, T* feat,
                                                    T& d) {
+  // 0. saturation (see GRAD_MAX); g is finite here (a non-finite gradient skips its tensor)
+  g = clamp(g, T(-GRAD_MAX), T(GRAD_MAX));
   // 1. momenta at S timescales: beta_1 = beta, beta_{s+1} = sqrt(beta_s)
   T beta = st[R_BETA];
   const T gamma = st[R_GAMMA];

@@ -96,10 +96,14 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE LstmUnitGrad<T> lstm_unit_backward(
   const T one(1);
   // total gradient reaching c' (directly, and through h' = o tanh(c'))
   const T dct = dc_new + dh_new * u.o * (one - u.tanh_c_new * u.tanh_c_new);
-  d.dzi = dct * u.g * u.i * (one - u.i);
-  d.dzf = dct * c * u.f * (one - u.f);
-  d.dzg = dct * u.i * (one - u.g * u.g);
-  d.dzo = dh_new * u.tanh_c_new * u.o * (one - u.o);
+  // Each product starts with its bounded factors (gates and their derivatives, <= 1 in magnitude),
+  // so that no partial product overflows unless the result does: dzf's c * f (1 - f) is 0 for a
+  // saturated forget gate whatever c is, where (dct * c) could first overflow to inf and then give
+  // inf * 0 = NaN (a large cell with a large incoming gradient).
+  d.dzi = dct * (u.g * (u.i * (one - u.i)));
+  d.dzf = dct * (c * (u.f * (one - u.f)));
+  d.dzg = dct * (u.i * (one - u.g * u.g));
+  d.dzo = dh_new * (u.tanh_c_new * (u.o * (one - u.o)));
   d.dc = dct * u.f;
   return d;
 }

@@ -129,7 +129,11 @@ def meta_train(args: list[str]) -> int:
 
     distributed = init_from_env()
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    trainer = meta.MetaTrainer(cfg, a.out, resume=a.resume or restarted)
+    try:
+        trainer = meta.MetaTrainer(cfg, a.out, resume=a.resume or restarted)
+    except meta.CheckpointError as e:
+        print(f"{PROG} meta-train: error: {e}", file=sys.stderr)
+        return 1
     trainer.run()
     if distributed:
         import torch.distributed as dist

@@ -223,7 +223,8 @@ def test_resume_is_exact(tmp_path):
     strip = lambda recs: [{k: v for k, v in r.items() if k != "time"} for r in recs]  # noqa: E731
     assert strip(meta.read_log(tmp_path / "a" / "log.jsonl")) == strip(meta.read_log(tmp_path / "b" / "log.jsonl"))
     files = sorted(p.name for p in (tmp_path / "b").iterdir())
-    assert files == ["best.pt", "checkpoint.pt", "config.json", "curves.png", "final.pt", "log.jsonl"]
+    assert files == ["best.pt", "checkpoint.prev.pt", "checkpoint.pt", "config.json", "curves.png", "final.pt",
+                     "log.jsonl"]
 
 
 def test_resume_mid_run_gives_the_same_result(tmp_path):

@@ -17,7 +17,7 @@ here (``learnedopt.meta.L2LRule``, ``save_rule``, ...), as before the package ha
 from __future__ import annotations
 
 from ..rules import RULES, L2LRule, LearnedSGD, load_rule, make_rule, rule_from_blob, save_rule
-from .checkpoints import init_weights, load_checkpoint, save_checkpoint
+from .checkpoints import CheckpointError, init_weights, load_checkpoint, previous_path, save_checkpoint
 from .estimators import ES, ESTIMATORS, PES, Estimate, GradientEstimator, TruncatedBPTT, make_estimator
 from .logs import plot_log, read_log
 from .objectives import LOG_EPS, OBJECTIVES, objective
@@ -26,5 +26,6 @@ from .unroll import Carry, run_rule, start, unroll
 
 __all__ = ["L2LRule", "LearnedSGD", "RULES", "make_rule", "OBJECTIVES", "objective", "Carry", "start", "unroll",
            "run_rule", "MetaConfig", "MetaTrainer", "RESUME_FREE", "save_rule", "load_rule", "rule_from_blob",
-           "read_log", "plot_log", "save_checkpoint", "load_checkpoint", "init_weights", "LOG_EPS",
-           "GradientEstimator", "Estimate", "TruncatedBPTT", "ES", "PES", "ESTIMATORS", "make_estimator"]
+           "read_log", "plot_log", "save_checkpoint", "load_checkpoint", "previous_path", "CheckpointError",
+           "init_weights", "LOG_EPS", "GradientEstimator", "Estimate", "TruncatedBPTT", "ES", "PES", "ESTIMATORS",
+           "make_estimator"]

@@ -21,7 +21,7 @@ from torch import nn
 from .._progress import progress
 from ..rules import make_rule, save_rule
 from ..tasks import TaskFamily, make_family
-from .checkpoints import init_weights, load_checkpoint, save_checkpoint
+from .checkpoints import init_weights, load_checkpoint, previous_path, save_checkpoint
 from .distributed import average_meta_grads, barrier, broadcast_lengths, rank_and_world
 from .logs import plot_log
 from .objectives import LOG_EPS, OBJECTIVES
@@ -155,7 +155,11 @@ class MetaTrainer:
     Files in ``out_dir``: ``config.json``; ``log.jsonl`` (one JSON object per epoch, plus evaluation
     records); ``checkpoint.pt`` (written atomically every ``checkpoint_every`` epochs and at the end:
     rule, meta-optimizer, random generator, counters — ``resume=True`` continues from it and gives
-    bitwise the same run as one never stopped, on CPU; ``epochs`` may be raised to train longer); ``best.pt`` (the rule with the lowest
+    bitwise the same run as one never stopped, on CPU; ``epochs`` may be raised to train longer);
+    ``checkpoint.prev.pt`` (the checkpoint before it: a truncated or corrupted ``checkpoint.pt``
+    makes ``resume=True`` raise :class:`~learnedopt.meta.checkpoints.CheckpointError`, which says
+    whether the previous one is intact and how to resume from it; nothing falls back on its own);
+    ``best.pt`` (the rule with the lowest
     evaluation loss, :func:`save_rule` format); ``final.pt``; ``curves.png``.
 
     After each meta-step the trainer calls the rule's ``project_()`` if it has one (e.g. a step size
@@ -183,10 +187,13 @@ class MetaTrainer:
         self.log_path = self.out / "log.jsonl"
         self.ckpt_path = self.out / "checkpoint.pt"
         self.rank, self.world = rank_and_world()
-        if resume and self.ckpt_path.is_file():
-            self._load_checkpoint()
+        if self.rank == 0:
+            for stale in self.out.glob("checkpoint*.tmp*"):  # left by a run killed during a write
+                stale.unlink(missing_ok=True)
+        if resume and (self.ckpt_path.is_file() or previous_path(self.ckpt_path).is_file()):
+            self._load_checkpoint()  # a damaged or missing checkpoint.pt raises CheckpointError
         elif self.rank == 0:  # a fresh run: nothing of an earlier run in out_dir may pass for this one's
-            for name in ("log.jsonl", "checkpoint.pt", "best.pt", "final.pt", "curves.png"):
+            for name in ("log.jsonl", "checkpoint.pt", "checkpoint.prev.pt", "best.pt", "final.pt", "curves.png"):
                 (self.out / name).unlink(missing_ok=True)
             with open(self.out / "config.json", "w") as f:
                 json.dump(config.to_dict(), f, indent=2)

@@ -52,6 +52,12 @@ def state_dtype_of(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
+def _net_config(net) -> dict[str, Any]:
+    cfg = getattr(net, "config", None)
+    return cfg() if callable(cfg) else {"layers": list(net.layers), "preprocess": net.preprocess, "p": net.p,
+                                        "output_scale": net.output_scale}
+
+
 class _Keep:
     """A tensor hidden from torch.optim's dtype casting in load_state_dict."""
 
@@ -67,9 +73,14 @@ class _LearnedOptimizer(Optimizer):
     version, and loaded per-parameter state takes the optimizer's own dtype policy
     (:meth:`_state_dtypes`) instead of torch.optim's cast to the parameter's dtype.
 
-    Subclasses implement ``_state_dtypes``, ``_save_extra`` (entries added to the state dict) and
-    ``_load_extra`` (takes them back out of a state dict being loaded), and list the attributes a
-    copy must carry in ``_COPIED`` and their per-object caches in ``_CACHES``."""
+    Subclasses implement ``_state_dtypes``, ``_save_extra`` (entries added to the state dict),
+    ``_load_extra`` (takes them back out of a state dict being loaded, checks them and returns what
+    ``_apply_extra`` installs once the load has succeeded), ``_state_shapes`` (the per-parameter
+    entries a loaded state must have, for a given network) and list the attributes a copy must carry
+    in ``_COPIED`` and their per-object caches in ``_CACHES``.
+
+    ``load_state_dict`` checks the whole state dict before it changes anything (see
+    :meth:`load_state_dict`): a refused checkpoint leaves the optimizer exactly as it was."""
 
     _step_supports_amp_scaling = True
     # attributes a copy carries (and their values for objects pickled before they existed)
@@ -83,11 +94,19 @@ class _LearnedOptimizer(Optimizer):
     def _save_extra(self, state_dict: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _load_extra(self, state_dict: dict[str, Any]) -> None:
+    def _load_extra(self, state_dict: dict[str, Any]) -> Any:
+        """Pops the optimizer's own entries out of ``state_dict`` (a copy), checks them and returns
+        what :meth:`_apply_extra` installs after a successful load (``pending["net"]``: the network
+        the per-parameter state is checked against). Changes nothing in the optimizer."""
         raise NotImplementedError
 
-    def _after_load(self) -> None:
-        """Runs once the per-parameter state is restored (before user post-hooks)."""
+    def _state_shapes(self, p: Tensor, net) -> dict[str, tuple[int, ...]]:
+        """The entries of a parameter's state (key -> shape) under network ``net``."""
+        raise NotImplementedError
+
+    def _apply_extra(self, pending: dict[str, Any]) -> None:
+        """Installs what :meth:`_load_extra` returned; runs once the per-parameter state is restored
+        (before user post-hooks)."""
 
     # -- the network's weights, prepared per device -----------------------------------------------
     def _net_cached(self, device: torch.device, build):
@@ -120,7 +139,15 @@ class _LearnedOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores the per-parameter states, the groups and the network. User pre-hooks see the whole
-        state dict (and what they return is loaded); post-hooks see the optimizer fully loaded."""
+        state dict (and what they return is loaded); post-hooks see the optimizer fully loaded.
+
+        What is loaded is checked first, and nothing changes unless all of it passes: the groups
+        (their number and sizes), the network (its configuration must be one this optimizer runs;
+        the checkpoint's network replaces the optimizer's), and each parameter's entry against that
+        network: exactly the optimizer's keys (an empty entry is a parameter not stepped yet),
+        tensors of the right shape, of a floating dtype (cast to the optimizer's state dtype). A
+        mismatch raises ``ValueError`` naming the parameter's index, the key, what was expected and
+        what came: a wrong checkpoint is never silently replaced by a fresh state on the next step."""
         pre = self.register_load_state_dict_pre_hook(_LearnedOptimizer._take_extra)  # runs last
         post = self.register_load_state_dict_post_hook(_LearnedOptimizer._restore_state, prepend=True)  # first
         try:
@@ -128,12 +155,57 @@ class _LearnedOptimizer(Optimizer):
         finally:
             pre.remove()
             post.remove()
+            self.__dict__.pop("_pending_load", None)
+
+    def _check_groups(self, state_dict: dict[str, Any]) -> dict[Any, Tensor]:
+        """torch.optim's group checks, done before anything changes; the saved index -> parameter map."""
+        name = type(self).__name__
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"{name}.load_state_dict: the state dict has no {key!r} entry")
+        groups, saved = self.param_groups, state_dict["param_groups"]
+        if len(groups) != len(saved):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group")
+        return {i: p for s, g in zip(saved, groups) for i, p in zip(s["params"], g["params"])}
+
+    def _check_state(self, state_dict: dict[str, Any], net) -> None:
+        """Each parameter's entry against :meth:`_state_shapes` under ``net``."""
+        name = type(self).__name__
+        id_map = self._check_groups(state_dict)
+        for i, st in state_dict["state"].items():
+            if i not in id_map:
+                continue  # state that belongs to no parameter is copied as is (torch.optim)
+            p = id_map[i]
+            where = f"{name}.load_state_dict: parameter {i} (shape {list(p.shape)})"
+            if not isinstance(st, dict):
+                raise ValueError(f"{where}: its state must be a dict, got {type(st).__name__}")
+            if not st:
+                continue  # not stepped yet
+            want = self._state_shapes(p, net)
+            missing = sorted(set(want) - set(st), key=str)
+            unknown = sorted(set(st) - set(want), key=str)
+            if missing or unknown:
+                raise ValueError(f"{where}: expected the keys {sorted(want)}, got {sorted(st, key=str)} "
+                                 f"(missing {missing}, unknown {unknown}): a checkpoint of another optimizer?")
+            for k, shape in want.items():
+                v = st[k]
+                if not isinstance(v, Tensor):
+                    raise ValueError(f"{where}, key {k!r}: expected a tensor, got {type(v).__name__}")
+                if not v.is_floating_point():
+                    raise ValueError(f"{where}, key {k!r}: expected a floating-point tensor, got dtype {v.dtype}")
+                if tuple(v.shape) != tuple(shape):
+                    raise ValueError(f"{where}, key {k!r}: expected shape {list(shape)}, got {list(v.shape)} "
+                                     f"(network {_net_config(net)})")
 
     @staticmethod
     def _take_extra(self: "_LearnedOptimizer", state_dict: dict[str, Any]) -> dict[str, Any]:
         state_dict = dict(state_dict)  # the caller's dict is not modified
-        self._load_extra(state_dict)
-        self._weights_cache.clear()
+        pending = self._load_extra(state_dict)
+        self._check_state(state_dict, pending["net"])
+        self._pending_load = pending
         # torch.optim casts floating state to the parameter's dtype; wrapped in a _Keep, a state
         # tensor passes through that cast untouched and _restore_state applies the optimizer's policy.
         state_dict["state"] = {
@@ -152,7 +224,34 @@ class _LearnedOptimizer(Optimizer):
                 if isinstance(v, _Keep):
                     dt = dts.get(k, v.value.dtype) if v.value.is_floating_point() else v.value.dtype
                     st[k] = v.value.to(device=p.device, dtype=dt, copy=True)
-        self._after_load()
+        self._weights_cache.clear()
+        self._apply_extra(self.__dict__.pop("_pending_load"))
+
+    def _loaded_net(self, net_sd: dict[str, Any] | None, config: dict[str, Any], build) -> Any:
+        """The network a state dict carries, built and loaded apart from ``self.net`` (which does not
+        change here): ``config`` its configuration, ``build(config)`` a new network of it. None: the
+        state dict has no network (the optimizer's is kept)."""
+        if net_sd is None:
+            return None
+        device = next(self.net.parameters()).device
+        net = build(config).to(device)
+        try:
+            net.load_state_dict(net_sd["weights"])
+        except (RuntimeError, KeyError) as e:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the network's weights do not fit its "
+                             f"configuration {config}: {e}") from None
+        return net
+
+    def _install_net(self, net, pretrained) -> None:
+        """self.net takes the loaded network's weights (in place when the configuration is the same)."""
+        if net is None:
+            return
+        if _net_config(net) == _net_config(self.net):
+            with torch.no_grad():
+                self.net.load_state_dict(net.state_dict())
+        else:
+            self.net = net
+        self.pretrained = pretrained
 
     # -- copies ------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:

@@ -269,23 +269,46 @@ class HierarchicalOptimizer(_LearnedOptimizer):
         # "param_groups") carry it too. (Earlier checkpoints hold it at the top level.)
         state_dict["param_groups"][0]["global_state"] = self.global_state.detach().clone()
 
-    def _load_extra(self, state_dict: dict[str, Any]) -> None:
+    def _load_extra(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        name = "HierarchicalOptimizer.load_state_dict"
         net_sd = state_dict.pop("net", None)
-        glob = state_dict.pop("global_state", None)
+        glob = state_dict.pop("global_state", None)  # where state dicts before 0.3 kept it
         groups = [dict(g) for g in state_dict.get("param_groups", [])]
-        for g in groups:
+        for g in groups:  # where it is now (torch.distributed.checkpoint keeps state and param_groups only)
             if "global_state" in g:
                 glob = g.pop("global_state")
         state_dict["param_groups"] = groups
+        net = None
         if net_sd is not None:
-            if net_sd["config"] != self.net.config():
-                self.net = HierarchicalNet(**net_sd["config"]).to(next(self.net.parameters()).device)
-            self.net.load_state_dict(net_sd["weights"])
-            self.pretrained = net_sd.get("pretrained")
-        self._loaded_global = glob
-
-    def _after_load(self) -> None:
-        glob = self.__dict__.pop("_loaded_global", None)
-        self.global_state = self._initial_global_state()
+            config = net_sd.get("config") if isinstance(net_sd, dict) else None
+            if not isinstance(config, dict) or "weights" not in net_sd:
+                raise ValueError(f"{name}: the 'net' entry must hold 'config' and 'weights', got "
+                                 f"{sorted(net_sd) if isinstance(net_sd, dict) else type(net_sd).__name__}")
+            try:
+                net = self._loaded_net(net_sd, config, lambda c: HierarchicalNet(**c))
+            except TypeError as e:
+                raise ValueError(f"{name}: the 'net' entry's config {config} is not a HierarchicalNet's: {e}") from None
+            if net.attention:
+                raise ValueError(f"{name}: the checkpoint's network has attention=True, which the optimizer does "
+                                 "not support (expected attention=False)")
+            if self.fused and not net.fusable:
+                raise ValueError(f"{name}: fused=True needs a network with hidden=10 and scales=4, the checkpoint's "
+                                 f"is {net.config()}")
+        check_net = net if net is not None else self.net
         if glob is not None:
-            self.global_state.copy_(glob)
+            want = [check_net.global_hidden]
+            if not isinstance(glob, Tensor) or not glob.is_floating_point() or list(glob.shape) != want:
+                got = (f"a {glob.dtype} tensor of shape {list(glob.shape)}" if isinstance(glob, Tensor)
+                       else type(glob).__name__)
+                raise ValueError(f"{name}: key 'global_state': expected a floating-point tensor of shape {want}, "
+                                 f"got {got}")
+        return {"net": check_net, "loaded_net": net, "pretrained": (net_sd or {}).get("pretrained"), "global": glob}
+
+    def _state_shapes(self, p: Tensor, net: HierarchicalNet) -> dict[str, tuple[int, ...]]:
+        return {"coord": (net.rows.count, p.numel()), "tensor": (net.tensor_hidden,), "log_lr_sum": ()}
+
+    def _apply_extra(self, pending: dict[str, Any]) -> None:
+        self._install_net(pending["loaded_net"], pending["pretrained"])
+        self.global_state = self._initial_global_state()
+        if pending["global"] is not None:
+            self.global_state.copy_(pending["global"])

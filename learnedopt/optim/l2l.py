@@ -151,11 +151,25 @@ class L2LOptimizer(_LearnedOptimizer):
             "weights": {k: v.detach().clone() for k, v in net.state_dict().items()},
         }
 
-    def _load_extra(self, state_dict: dict[str, Any]) -> None:
+    def _load_extra(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        name = "L2LOptimizer.load_state_dict"
         net_sd = state_dict.pop("net", None)
+        net = None
         if net_sd is not None:
-            cfg = (tuple(net_sd["layers"]), net_sd["preprocess"], float(net_sd["p"]), float(net_sd["output_scale"]))
-            if cfg != (self.net.layers, self.net.preprocess, self.net.p, self.net.output_scale):
-                self.net = CoordinateLSTMNet(*cfg).to(next(self.net.parameters()).device)
-            self.net.load_state_dict(net_sd["weights"])
-            self.pretrained = net_sd.get("pretrained")
+            keys = ("layers", "preprocess", "p", "output_scale", "weights")
+            if not isinstance(net_sd, dict) or any(k not in net_sd for k in keys):
+                raise ValueError(f"{name}: the 'net' entry must hold {list(keys)}, got "
+                                 f"{sorted(net_sd) if isinstance(net_sd, dict) else type(net_sd).__name__}")
+            try:
+                cfg = (tuple(net_sd["layers"]), net_sd["preprocess"], float(net_sd["p"]), float(net_sd["output_scale"]))
+                net = self._loaded_net(net_sd, cfg, lambda c: CoordinateLSTMNet(*c))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{name}: the 'net' entry's configuration is not a CoordinateLSTMNet's: {e}") from None
+        return {"net": net if net is not None else self.net, "loaded_net": net,
+                "pretrained": (net_sd or {}).get("pretrained")}
+
+    def _state_shapes(self, p: Tensor, net: CoordinateLSTMNet) -> dict[str, tuple[int, ...]]:
+        return {"lstm": (p.numel(), 2 * sum(net.layers))}
+
+    def _apply_extra(self, pending: dict[str, Any]) -> None:
+        self._install_net(pending["loaded_net"], pending["pretrained"])

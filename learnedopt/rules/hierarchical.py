@@ -17,6 +17,11 @@ of the old state).
 
 **One step**, for a parameter tensor with gradient g (per coordinate; s = 1 … S timescales, S = 4):
 
+0. saturation: g ← clip(g, ±1e18) (``GRAD_MAX``). Every later quantity is then finite for any finite
+   gradient, in float32 and bfloat16 alike (momenta ≤ 1e18, mean squares ≤ 1e36); since the cell's
+   inputs are scale-free, a gradient above 1e18 gets the inputs exact arithmetic would give it.
+   **Finite gradients never make parameters or state non-finite; a non-finite gradient skips its
+   tensor** (the optimizer's and the fused op's rule);
 1. momentum at S timescales: β₁ = β (a learned per-coordinate decay), β_{s+1} = √β_s;
    a_s ← (1 − β_s) g + β_s a_s;
 2. gradient-scale normalisation: ms_s ← (1 − γ)(a_s² + 1e-12) + γ ms_s (γ: a second learned decay);
@@ -51,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["HierarchicalNet", "HierState", "HierarchicalRule", "Rows", "step_reference", "coord_step_reference",
-           "initial_state", "fused_step_", "segment_mean", "MAX_LOG_LR", "INIT_LOG_LR_RANGE"]
+           "initial_state", "fused_step_", "segment_mean", "MAX_LOG_LR", "GRAD_MAX", "INIT_LOG_LR_RANGE"]
 
 # Per-tensor sums returned by the fused op learnedopt::hier_step_ (csrc/hier_math.h): sum of h' (H),
 # of the features (F), of d², of the new log-lr, then a "stepped" flag (for H = 10, S = 4).
@@ -59,6 +64,10 @@ K_D2, K_LOG_LR, K_STEPPED = 22, 23, 24
 MAX_LOG_LR = 33.0  # log learning rates are clipped to [-33, 33]
 MS_EPS = 1e-12  # added to a_s² in the mean squares
 RMS_EPS = 1e-16  # inside the square roots and logs of the mean squares and of the direction's RMS
+# Gradients are saturated to [-GRAD_MAX, GRAD_MAX] before the momenta (csrc/hier_math.h): momenta stay
+# <= 1e18 and (mean) squares <= 1e36, finite in float32 and bfloat16 for any finite gradient. The cell's
+# inputs are scale-free, so this is what exact arithmetic gives for a gradient above 1e18.
+GRAD_MAX = 1e18
 # The original code's initial log learning rate: per coordinate U(ln 1e-6 / 2, ln 1e-2 / 2) plus one
 # per-tensor offset from the same range (so within [ln 1e-6, ln 1e-2]).
 DEFAULT_INIT_LR_RANGE = (1e-6, 1e-2)
@@ -309,7 +318,7 @@ def coord_step_reference(net: HierarchicalNet, g: Tensor, rows: Tensor, coord_bi
     Differentiable in everything."""
     R = net.rows
     S = R.S
-    g = g.to(rows.dtype)
+    g = g.to(rows.dtype).clamp(-GRAD_MAX, GRAD_MAX)  # 0. saturation: finite in, finite out (see GRAD_MAX)
     beta, gamma, log_lr = rows[R.beta], rows[R.gamma], rows[R.log_lr]
     # 1. momenta at S timescales: β_1 = β, β_{s+1} = √β_s
     betas = [beta]

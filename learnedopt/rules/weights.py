@@ -29,9 +29,11 @@ __all__ = ["save_rule", "load_rule", "read_rule_file", "rule_from_blob", "export
 FORMAT = "rule/1"  # the safetensors metadata's learnedopt.format
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None],
+                 before_replace: Callable[[], None] | None = None) -> None:
     """Calls ``write(tmp)`` for a temporary file next to ``path``, flushes it to disk and renames it
-    to ``path``: a reader sees the old file or the new one, never a partial one."""
+    to ``path``: a reader sees the old file or the new one, never a partial one. ``before_replace()``
+    runs once the new file is complete, just before the rename (while ``path`` is still the old one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -42,6 +44,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would (some writers create 0600 files)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
