@@ -106,6 +106,15 @@ def state_like(p: Tensor, local_state: Tensor, rows_first: bool) -> Tensor:
                               stride=stride)
 
 
+def state_shape(p: Tensor, rows: int | None = None, width: int | None = None) -> tuple[int, ...]:
+    """The shape of parameter ``p``'s per-coordinate state as :func:`state_like` makes it: ``rows`` in
+    front (``[rows, n]``; a DTensor's ``[rows, *p.shape]``) or ``width`` behind (``[n, width]``; a
+    DTensor's ``[*p.shape, width]``)."""
+    if rows is not None:
+        return (rows, *p.shape) if is_dtensor(p) else (rows, p.numel())
+    return (*p.shape, width) if is_dtensor(p) else (p.numel(), width)
+
+
 def local_view(state: Tensor, rows_first: bool) -> Tensor:
     """The 2-D local tensor a kernel takes from a per-coordinate state (a DTensor or a plain tensor)."""
     if not is_dtensor(state):

@@ -305,7 +305,8 @@ class HierarchicalOptimizer(_LearnedOptimizer):
         return {"net": check_net, "loaded_net": net, "pretrained": (net_sd or {}).get("pretrained"), "global": glob}
 
     def _state_shapes(self, p: Tensor, net: HierarchicalNet) -> dict[str, tuple[int, ...]]:
-        return {"coord": (net.rows.count, p.numel()), "tensor": (net.tensor_hidden,), "log_lr_sum": ()}
+        return {"coord": _sharding.state_shape(p, rows=net.rows.count), "tensor": (net.tensor_hidden,),
+                "log_lr_sum": ()}
 
     def _apply_extra(self, pending: dict[str, Any]) -> None:
         self._install_net(pending["loaded_net"], pending["pretrained"])

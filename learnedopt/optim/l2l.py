@@ -169,7 +169,7 @@ class L2LOptimizer(_LearnedOptimizer):
                 "pretrained": (net_sd or {}).get("pretrained")}
 
     def _state_shapes(self, p: Tensor, net: CoordinateLSTMNet) -> dict[str, tuple[int, ...]]:
-        return {"lstm": (p.numel(), 2 * sum(net.layers))}
+        return {"lstm": _sharding.state_shape(p, width=2 * sum(net.layers))}
 
     def _apply_extra(self, pending: dict[str, Any]) -> None:
         self._install_net(pending["loaded_net"], pending["pretrained"])
