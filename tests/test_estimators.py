@@ -263,3 +263,31 @@ def test_config_errors():
         _config(es_pairs=0)
     with pytest.raises(ValueError, match="es_sigma must be a finite number > 0"):
         _config(es_sigma=float("nan"))
+
+
+@pytest.mark.parametrize("estimator", ["bptt", "es"])
+def test_trajectories_per_process_average_the_estimators_gradients(tmp_path, estimator):
+    """MetaConfig.trajectories > 1: each trajectory's meta-gradient is its own (ES/PES assign .grad,
+    BPTT accumulates into it) and the meta-step takes their mean. Checked against the same estimates
+    made one trajectory at a time, from the same generators."""
+    cfg = _config(estimator=estimator, trajectories=2, epochs=1, eval_every=0, num_steps=5, unroll=5,
+                  meta_optimizer="SGD", meta_lr=1.0)
+    t = MetaTrainer(cfg, tmp_path / "two")
+    before = [p.detach().clone() for p in t.rule.parameters()]
+    # the same two trajectories, estimated by hand from copies of the trainer's generators
+    gens = [t._generator_of(k) for k in range(2)]
+    gens = [torch.Generator().set_state(g.get_state()) for g in gens]
+    rule = t.rule
+    want = [torch.zeros_like(p) for p in rule.parameters()]
+    for g in gens:
+        traj = t.estimator.start(rule, t.family.sample(g), g)
+        for p in rule.parameters():
+            p.grad = None
+        t.estimator.estimate(rule, traj, 5, g, cfg.objective, cfg.validation, last=True)
+        for w, p in zip(want, rule.parameters()):
+            w += p.grad
+    for p in rule.parameters():
+        p.grad = None
+    t.train_epoch()
+    for b, p, w in zip(before, t.rule.parameters(), want):
+        torch.testing.assert_close(b - p.detach(), w / 2, rtol=1e-5, atol=1e-7)
