@@ -118,8 +118,11 @@ def test_a_tensor_entry_that_is_not_a_tensor(kind):
 
 def test_hier_global_state_shape_and_tensor_state():
     opt, params = stepped("hier")
-    sd = save_load(opt.state_dict())
-    sd["global_state"] = sd["global_state"][:5]
+    sd = save_load(opt.state_dict())  # the global state is kept in param_groups[0] (as DCP keeps it)
+    sd["param_groups"][0]["global_state"] = sd["param_groups"][0]["global_state"][:5]
+    assert_refused_untouched(opt, params, sd, "'global_state'", "[20]", "[5]")
+    sd = save_load(opt.state_dict())  # a state dict of 0.2 (the global state at the top level): checked alike
+    sd["global_state"] = sd["param_groups"][0].pop("global_state")[:5]
     assert_refused_untouched(opt, params, sd, "'global_state'", "[20]", "[5]")
     sd = save_load(opt.state_dict())
     sd["state"][0]["log_lr_sum"] = torch.zeros(2)
