@@ -110,6 +110,7 @@ def test_a_missing_barrier_is_caught_by_memcheck(sched):
 
 
 def test_memcheck_is_on_by_default():
+    assert emu.memcheck_instrumented()  # built with -fsanitize=thread: the checker sees every access
     assert emu.set_memcheck(True) is True
 
 

@@ -112,6 +112,7 @@ CUDA_EMU_NOT_INSTRUMENTED Checker& checker() {
   return *t_checker;
 }
 std::atomic<int> g_running{0};  // launches in progress in the process: the callbacks' first filter
+std::atomic<bool> g_instrumented{false};  // an instrumented translation unit has started (__tsan_init)
 // On unless LEARNEDOPT_CUDA_EMU_MEMCHECK=0 (or set_memcheck(false)).
 std::atomic<bool> g_enabled{[] {
   const char* env = std::getenv("LEARNEDOPT_CUDA_EMU_MEMCHECK");
@@ -264,6 +265,7 @@ CUDA_EMU_NOT_INSTRUMENTED void global_access(Checker& c, uintptr_t a, size_t n, 
 }  // namespace
 
 bool enabled() { return g_enabled.load(); }
+bool instrumented() { return g_instrumented.load(); }
 void set_enabled(bool on) { g_enabled.store(on); }
 
 void launch_begin(const LaunchInfo& info) {
@@ -352,7 +354,9 @@ CUDA_EMU_NOT_INSTRUMENTED void access(const void* addr, size_t bytes, bool write
 // code calls. Plain accesses are only reported; atomics are performed here (sequentially consistent).
 #define CUDA_EMU_TSAN extern "C" CUDA_EMU_NOT_INSTRUMENTED __attribute__((used))
 
-CUDA_EMU_TSAN void __tsan_init() {}
+// Called by the constructor of every instrumented translation unit: a library built without
+// -fsanitize=thread never calls it, and then the checker sees nothing (instrumented() says so).
+CUDA_EMU_TSAN void __tsan_init() { cuda_emu::memcheck::g_instrumented.store(true); }
 CUDA_EMU_TSAN void __tsan_func_entry(void*) {}
 CUDA_EMU_TSAN void __tsan_func_exit() {}
 CUDA_EMU_TSAN void __tsan_vptr_update(void**, void*) {}

@@ -29,6 +29,8 @@ namespace memcheck {
 
 bool enabled();
 void set_enabled(bool on);
+// Whether the library was built with the instrumentation (else the checker sees no access).
+bool instrumented();
 
 // What the runtime tells the checker. `stacks`: the fibers' stacks; `ignore`: the emulator's own
 // memory that device code reads (the threads' ThreadState); `shared`: the launch's dynamic shared

@@ -34,8 +34,14 @@ def build(csrc: Path, out: Path, name: str) -> Path:
     cpp_extension.load(
         name=name, sources=sources, build_directory=str(out), verbose=False, is_python_module=False,
         extra_include_paths=[str(emu / "include"), str(csrc)],
+        # setup.py's flags of learnedopt._cuda_emu, the memory checker's instrumentation included (without
+        # it the checker's own tests fail on every mutant, which would pass for a caught barrier)
         extra_cflags=["-O1", "-DLEARNEDOPT_CUDA_EMULATION", "-fvisibility=hidden", "-fno-extern-tls-init",
-                      "-Wno-unknown-pragmas"])
+                      "-Wno-unknown-pragmas", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"])
+    import torch
+
+    if not torch.ops.learnedopt_emu.memcheck_instrumented():
+        sys.exit(f"mutants.py: {name} was built without the memory checker's instrumentation")
     return out / f"{name}.so"
 
 

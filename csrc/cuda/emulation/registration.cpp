@@ -75,6 +75,7 @@ TORCH_LIBRARY(learnedopt_emu, m) {
   m.def("set_schedule(int schedule) -> ()", &set_schedule);
   m.def("launches(bool clear=False) -> str", &launches);
   m.def("set_resources(str table) -> ()", &set_resources);
+  m.def("memcheck_instrumented() -> bool", [] { return cuda_emu::memcheck::instrumented(); });
   // The memory checker (memcheck.h): on by default; returns whether it was on.
   m.def("set_memcheck(bool on) -> bool", [](bool on) {
     const bool was = cuda_emu::memcheck::enabled();
