@@ -104,7 +104,12 @@ def fsdp_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("fsdp")
     two = run_ranks(base, "several", 2, runs=[
         ("exact", "each_kind", dict(fn="fsdp_exact", steps=STEPS)),
-        ("bf16", "fsdp_exact", dict(kind="hier", steps=3, state_dtype=torch.bfloat16)),
+        # bf16 state without the update-ratio safeguard: the safeguard's log s (from shard sums in
+        # another order: last float bits) is added to the bf16 log-lr row after the op, and one bf16
+        # ulp of a log-lr (~0.4 %) there moves the next steps by more than this test's tolerance
+        ("bf16", "fsdp_exact", dict(kind="hier", steps=3, state_dtype=torch.bfloat16, max_update_ratio=0.0)),
+        # the safeguard binding on every tensor (lr 1): its u² and θ² sums ride the one all-reduce
+        ("ratio", "fsdp_exact", dict(kind="hier", steps=4, lr=1.0, max_update_ratio=0.003)),
         ("train", "each_kind", dict(fn="fsdp_train", steps=4)),
         ("refused", "placements_refused", {}),
         ("precision", "each_kind", dict(fn="fsdp_precision", steps=3))])
@@ -134,6 +139,18 @@ def test_fsdp2_equals_unsharded(fsdp_runs, kind, world):
         assert r["calls"] == ([0] * steps if kind == "l2l" else [1] * steps)
     for r in res[1:]:
         assert _equal(r["state"], res[0]["state"])  # the gathered state, the global RNN's included
+
+
+def test_fsdp2_hierarchical_update_ratio_safeguard(fsdp_runs):
+    """With the update-ratio safeguard binding (lr 1, tau 0.003), sharded = unsharded to float
+    tolerance, the global state bitwise the same on every rank and still one all-reduce per step."""
+    res = [r["ratio"] for r in fsdp_runs[2]]
+    for r in res:
+        for p, q in zip(r["params"], r["ref_params"]):
+            torch.testing.assert_close(p, q, atol=2e-6, rtol=2e-5)
+        _close_states(r["state"], r["ref_state"], atol=2e-5, rtol=2e-5)
+        assert r["calls"] == [1] * 4
+    assert _equal(res[0]["state"], res[1]["state"])
 
 
 def test_fsdp2_hierarchical_bf16_state(fsdp_runs):
