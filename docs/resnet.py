@@ -30,17 +30,19 @@ from learnedopt.tasks import torchvision_models as tvm  # noqa: E402
 
 OUT = ROOT / "eval" / "resnet" / "results.json"
 
-# (group, model, steps, method, lr) — method: "adam" (torch.optim.Adam), "hier" (the defaults but lr),
-# "hier-off" (max_update_ratio = 0: the optimizer before the safeguard)
+# (group, model, steps, method, lr) — method: "adam" (torch.optim.Adam), "hier" (HierarchicalOptimizer at
+# its defaults, but lr), "hier-0.01" (the same with the update-ratio safeguard max_update_ratio=0.01)
 RUNS = [
     ("r18-1000", "resnet18", 1000, "adam", None),
+    ("r18-1000", "resnet18", 1000, "hier-0.01", None),
+    ("r18-early", "resnet18", 200, "hier-0.01", 1e-6),
+    ("r18-early", "resnet18", 200, "hier-0.01", 1e-2),
+    ("r50-100", "resnet50", 100, "adam", None),
+    ("r50-100", "resnet50", 100, "hier-0.01", None),
+    ("r50-100", "resnet50", 100, "hier", None),
     ("r18-1000", "resnet18", 1000, "hier", None),
-    ("r18-early", "resnet18", 200, "hier-off", None),
-    ("r18-early", "resnet18", 200, "hier", 1e-6),
-    ("r18-early", "resnet18", 200, "hier", 1e-2),
-    ("r50-200", "resnet50", 200, "adam", None),
-    ("r50-200", "resnet50", 200, "hier", None),
 ]
+NAMES = {"adam": "Adam", "hier": "hierarchical (defaults)", "hier-0.01": "hierarchical, max_update_ratio 0.01"}
 
 
 def make_opt(method: str, lr):
@@ -49,8 +51,8 @@ def make_opt(method: str, lr):
         return lambda ps: torch.optim.Adam(ps, **kw)
     if method == "hier":
         return lambda ps: HierarchicalOptimizer(ps, **kw)
-    if method == "hier-off":
-        return lambda ps: HierarchicalOptimizer(ps, max_update_ratio=0.0, **kw)
+    if method == "hier-0.01":
+        return lambda ps: HierarchicalOptimizer(ps, max_update_ratio=0.01, **kw)
     raise ValueError(method)
 
 
@@ -74,7 +76,7 @@ def plot(results: dict) -> None:
             loss = torch.tensor(r["loss"], dtype=torch.float64)
             w = 10
             smooth = torch.nn.functional.avg_pool1d(loss[None, None], w, 1).flatten()
-            name = {"adam": "Adam", "hier": "hierarchical", "hier-off": "hierarchical, no safeguard"}[method]
+            name = NAMES[method]
             ax.plot(range(w - 1, len(loss)), smooth, label=f"{name} ({model}, lr {lr})", lw=1.2)
         ax.set_yscale("log")
         ax.set_xlabel("step")

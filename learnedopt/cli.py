@@ -36,7 +36,8 @@ commands:
                  (learning rate tuned on a grid) on the same minibatches; prints a table, writes
                  runs/demo/demo.png. About a minute on CPU. `{PROG} demo --help` for options.
                  `demo --model resnet18` (or resnet50; needs torchvision): a torchvision ResNet,
-                 HierarchicalOptimizer(model.parameters()) against torch.optim.Adam at its defaults.
+                 HierarchicalOptimizer at its defaults and with max_update_ratio=0.01 against
+                 torch.optim.Adam at its defaults.
   meta-train --config FILE --out DIR [--resume] [--epochs N]
                  meta-train a learned update rule (configs/*.json; "estimator": truncated BPTT,
                  ES or PES, docs/meta-training.md); writes
@@ -229,8 +230,8 @@ def demo(args: list[str]) -> int:
         "grid), on the same minibatches; print a table and write a PNG."))
     ap.add_argument("--model", default="mlp", choices=("mlp", "resnet18", "resnet50"),
                     help="mlp (default): the MNIST MLP against tuned Adam; resnet18 / resnet50: a torchvision ResNet "
-                         "(needs torchvision) on the MNIST digits upscaled to 32x32, HierarchicalOptimizer at its "
-                         "defaults against torch.optim.Adam at its defaults (docs/resnet.md)")
+                         "(needs torchvision) on the MNIST digits upscaled to 32x32: torch.optim.Adam at its defaults, "
+                         "HierarchicalOptimizer at its defaults and with max_update_ratio=0.01 (docs/resnet.md)")
     ap.add_argument("--steps", type=int, default=None, help="steps (default: 100 for mlp, 200 for a ResNet)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tune-runs", type=int, default=2)
@@ -281,7 +282,8 @@ def _demo_resnet(model: str, steps: int, out_dir: str) -> int:
     except RuntimeError as e:
         raise SystemExit(f"{PROG} demo --model {model}: {e}") from None
     methods = {"torch.optim.Adam (defaults)": lambda ps: torch.optim.Adam(ps),
-               "HierarchicalOptimizer (defaults)": lambda ps: HierarchicalOptimizer(ps)}
+               "HierarchicalOptimizer (defaults)": lambda ps: HierarchicalOptimizer(ps),
+               "HierarchicalOptimizer (max_update_ratio=0.01)": lambda ps: HierarchicalOptimizer(ps, max_update_ratio=0.01)}
     print(f"{PROG} demo: torchvision {model} (num_classes=10) on real MNIST digits upscaled to 32x32, batch 32, "
           f"{steps} steps, the same initialisation and minibatches for both optimizers", flush=True)
     results = {}

@@ -57,6 +57,9 @@ OPTIM_INFOS = [
     OptimInfo("hierarchical-reference", HierarchicalOptimizer, dict(fused=False), ("coord", "tensor", "log_lr_sum")),
     OptimInfo("hierarchical-bf16-state", HierarchicalOptimizer, dict(state_dtype=torch.bfloat16),
               ("coord", "tensor", "log_lr_sum")),
+    # the update-ratio safeguard on (it binds on these small models' zero-ish biases and small weights)
+    OptimInfo("hierarchical-safeguard", HierarchicalOptimizer, dict(max_update_ratio=0.01),
+              ("coord", "tensor", "log_lr_sum"), reference_kwargs=dict(fused=False)),
 ]
 INFOS = [pytest.param(i, id=i.name) for i in OPTIM_INFOS]
 

@@ -39,12 +39,12 @@ def test_same_seed_same_minibatches_and_initialisation():
 
 
 def test_safeguard_keeps_a_resnet18_from_spiking():
-    """The failure of issue 18 in its first steps (batch 32, 32x32 digits): without the update-ratio
-    safeguard the default optimizer's loss rises above its initial loss within 8 steps (measured 2.6 ->
-    6.8 by step 5); with it (the default), it does not."""
+    """The failure of issue 18 in its first steps (batch 32, 32x32 digits): at the defaults (no
+    update-ratio safeguard) the optimizer's loss rises above its initial loss within 8 steps (measured
+    2.5 -> 6.7 by step 5); with max_update_ratio=0.01 it does not."""
     kw = dict(steps=8, batch_size=32, image_size=32, seed=0)
-    off = tvm.train("resnet18", lambda ps: HierarchicalOptimizer(ps, max_update_ratio=0.0), **kw)
-    on = tvm.train("resnet18", lambda ps: HierarchicalOptimizer(ps), **kw)
+    off = tvm.train("resnet18", lambda ps: HierarchicalOptimizer(ps), **kw)
+    on = tvm.train("resnet18", lambda ps: HierarchicalOptimizer(ps, max_update_ratio=0.01), **kw)
     assert off["max_loss"] > 1.2 * off["initial_loss"], off["loss"]
     assert on["max_loss"] <= on["initial_loss"], on["loss"]
 

@@ -55,13 +55,16 @@ class HierarchicalOptimizer(_LearnedOptimizer):
             checkpoint's per-coordinate state to this dtype (a bfloat16 run resumes in float32 exactly).
         fused: ``None`` (default: the fused op when it can run this network), ``True`` (require it) or
             ``False`` (the pure-PyTorch reference, :func:`learnedopt.rules.hierarchical.step_reference`).
-        max_update_ratio: the update-ratio safeguard τ (default 0.01; 0 turns it off; per parameter
-            group, like ``lr``): a tensor's update is held to at most τ × max(its RMS, 1e-2) per step
-            by lowering that tensor's learning rates (the step's and the state's) just enough. The
-            network proposes steps in absolute units, and the sizes it learned on small problems
-            overshoot on wide networks (a ResNet-18 conv with fan-in 4,608 and RMS 0.02 took 40 % of
-            itself per step and the loss spiked from 2.6 to 6.8); with the safeguard the step is
-            relative to the tensor's scale. docs/resnet.md has the measurements.
+        max_update_ratio: the update-ratio safeguard τ (default 0: off; per parameter group, like
+            ``lr``): a tensor's update is held to at most τ × max(its RMS, 1e-2) per step by lowering
+            that tensor's learning rates (the step's and the state's) just enough. The network
+            proposes steps in absolute units, and the sizes it learned on small problems overshoot
+            on wide BatchNorm networks (a ResNet-18 conv with fan-in 4,608 and RMS 0.02 took 40 % of
+            itself per step and the loss spiked from 2.5 to 6.8); **use 0.01 for such networks**:
+            the step becomes relative to the tensor's scale. It is off by default because on the
+            small problems of docs/hierarchical.md (tiny initialisations that must grow, a ResNet
+            without normalisation) it costs 10-200x in final loss. docs/resnet.md has the
+            measurements.
 
     State: ``optimizer.state[p]["coord"]`` (``[32, numel]``: the rows of
     :class:`learnedopt.rules.hierarchical.Rows`), ``["tensor"]`` (the tensor GRU's state) and
