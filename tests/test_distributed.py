@@ -96,6 +96,9 @@ def _close_states(state, ref, **tol):
 
 
 STEPS = 5
+# a NaN (2 ranks) / an inf (3 ranks) in the gradient of the first weight [13, 7], row 12: the last rank's shard
+NONFINITE = dict(steps=4, bad_step=1, bad_param=0, bad_row=12)
+CALLS = {"l2l": 1, "hier": 2}  # all-reduces per sharded step (see _sharding.nonfinite_flags)
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +110,11 @@ def fsdp_runs(tmp_path_factory):
         ("bf16", "fsdp_exact", dict(kind="hier", steps=3, state_dtype=torch.bfloat16)),
         ("train", "each_kind", dict(fn="fsdp_train", steps=4)),
         ("refused", "placements_refused", {}),
-        ("precision", "each_kind", dict(fn="fsdp_precision", steps=3))])
-    three = run_ranks(base, "several", 3, runs=[("exact", "each_kind", dict(fn="fsdp_exact", steps=STEPS))])
+        ("precision", "each_kind", dict(fn="fsdp_precision", steps=3)),
+        ("nonfinite", "each_kind", dict(fn="fsdp_nonfinite", **NONFINITE, value="nan"))])
+    three = run_ranks(base, "several", 3, runs=[
+        ("exact", "each_kind", dict(fn="fsdp_exact", steps=STEPS)),
+        ("nonfinite", "each_kind", dict(fn="fsdp_nonfinite", **NONFINITE, value="inf"))])
     return {2: two, 3: three}
 
 
@@ -117,7 +123,8 @@ def fsdp_runs(tmp_path_factory):
 def test_fsdp2_equals_unsharded(fsdp_runs, kind, world):
     """Sharded (uneven shards; on 3 ranks one empty) and unsharded optimizers given the same gradients
     agree to float tolerance (L2L, coordinatewise: bitwise); the hierarchical one reduces its
-    per-tensor sums with ONE all-reduce per step; its global state is bitwise the same on every rank."""
+    per-tensor sums with one all-reduce per step (and both the per-tensor "non-finite gradient" flags with
+    one more, before the kernel); its global state is bitwise the same on every rank."""
     steps = STEPS
     res = [r["exact"][kind] for r in fsdp_runs[world]]
     shapes = [r["local_shapes"] for r in res]
@@ -131,9 +138,41 @@ def test_fsdp2_equals_unsharded(fsdp_runs, kind, world):
             for p, q in zip(r["params"], r["ref_params"]):
                 torch.testing.assert_close(p, q, atol=2e-6, rtol=2e-5)
             _close_states(r["state"], r["ref_state"], atol=2e-5, rtol=2e-5)
-        assert r["calls"] == ([0] * steps if kind == "l2l" else [1] * steps)
+        assert r["calls"] == [CALLS[kind]] * steps
     for r in res[1:]:
         assert _equal(r["state"], res[0]["state"])  # the gathered state, the global RNN's included
+
+
+def _check_against_unsharded(res, kind):
+    for r in res:
+        if kind == "l2l":
+            assert _equal(r["params"], r["ref_params"])
+            _close_states(r["state"], r["ref_state"], atol=0, rtol=0)
+        else:
+            for p, q in zip(r["params"], r["ref_params"]):
+                torch.testing.assert_close(p, q, atol=2e-6, rtol=2e-5)
+            _close_states(r["state"], r["ref_state"], atol=2e-5, rtol=2e-5)
+    for r in res[1:]:
+        assert _equal(r["state"], res[0]["state"])  # the gathered state, the global RNN's included
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fsdp2_nonfinite_gradient_in_one_shard(fsdp_runs, kind, world):
+    """A NaN (2 ranks) or an inf (3 ranks) in ONE rank's shard of one gradient: as unsharded, that whole
+    tensor is skipped on every rank: its parameter shards and per-coordinate state are bitwise unchanged
+    on every rank (also on those whose shard is finite); the other tensors, the global RNN and the later
+    steps follow the unsharded optimizer given the same gradient."""
+    res = [r["nonfinite"][kind] for r in fsdp_runs[world]]
+    assert [r["holds_bad"] for r in res] == [False] * (world - 1) + [True]
+    for r in res:
+        p0, s0, rp0, rs0 = r["bad_before"]
+        p1, s1, rp1, rs1 = r["bad_after"]
+        assert torch.equal(p0, p1) and torch.equal(s0, s1), f"rank {res.index(r)} stepped its shard"
+        assert torch.equal(rp0, rp1) and torch.equal(rs0, rs1)  # what the unsharded optimizer does
+        assert not torch.equal(r["params"][0], rp0)  # ... and the steps after it moved the tensor again
+        assert r["calls"] == [CALLS[kind]] * NONFINITE["steps"]
+    _check_against_unsharded(res, kind)
 
 
 def test_fsdp2_hierarchical_bf16_state(fsdp_runs):
@@ -177,6 +216,66 @@ def test_unsupported_placements_refused(fsdp_runs):
         msg = res[0][kind]
         assert msg is not None and "Shard(dim=1)" in msg and "tensor parallel" in msg and "param_groups[0]" in msg, msg
         assert res[0][kind + "_unchanged"]
+
+
+# -- HSDP: a 2-D mesh (replicas, shards) -------------------------------------------------------------
+HSDP = dict(mesh_shape=(2, 2))
+
+
+@pytest.fixture(scope="module")
+def hsdp_runs(tmp_path_factory):
+    """4 processes, mesh (2, 2): fully_shard gives (Replicate(), Shard(0)); ranks 0, 2 and 1, 3 are replicas
+    of the same shard. The model is tiny (2 cores for 4 processes)."""
+    return run_ranks(tmp_path_factory.mktemp("hsdp"), "several", 4, runs=[
+        ("exact", "each_kind", dict(fn="fsdp_nonfinite", steps=STEPS, bad_step=None, bad_param=0, bad_row=0,
+                                    value="nan", **HSDP)),
+        ("nonfinite", "each_kind", dict(fn="fsdp_nonfinite", **NONFINITE, value="nan", **HSDP)),
+        ("train", "each_kind", dict(fn="fsdp_train", steps=3, **HSDP))])
+
+
+REPLICAS = ((0, 2), (1, 3))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_hsdp_equals_unsharded(hsdp_runs, kind):
+    """HSDP (placements (Replicate(), Shard(0))): the same gradients give what the unsharded optimizer
+    computes (L2L bitwise, the hierarchical one to float tolerance), the same all-reduces per step (on
+    the shard dimension's group), and bitwise the same state on the replicas of a shard."""
+    res = [r["exact"][kind] for r in hsdp_runs]
+    assert all(pl == "(Replicate(), Shard(dim=0))" for pl in res[0]["placements"]), res[0]["placements"]
+    _check_against_unsharded(res, kind)
+    for r in res:
+        assert r["calls"] == [CALLS[kind]] * STEPS
+        assert _equal(r["params"], res[0]["params"])
+    for a, b in REPLICAS:
+        assert _equal(res[a]["local_state"], res[b]["local_state"])
+    assert not _equal(res[0]["local_state"], res[1]["local_state"])  # different shards
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_hsdp_nonfinite_gradient_in_one_shard(hsdp_runs, kind):
+    res = [r["nonfinite"][kind] for r in hsdp_runs]
+    assert [r["holds_bad"] for r in res] == [False, True, False, True]  # row 12: the second shard (both replicas)
+    for r in res:
+        p0, s0, _, _ = r["bad_before"]
+        p1, s1, _, _ = r["bad_after"]
+        assert torch.equal(p0, p1) and torch.equal(s0, s1)
+    _check_against_unsharded(res, kind)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_hsdp_training_loop(hsdp_runs, kind):
+    """fully_shard's own HSDP loop (each rank a quarter of the batch; gradients reduce-scattered on the
+    shard dimension, all-reduced across the replicas) follows the unsharded model on the whole batch;
+    the replicas' state is bitwise the same."""
+    res = [r["train"][kind] for r in hsdp_runs]
+    for r in res:
+        for p, q in zip(r["params"], r["ref_params"]):
+            torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)
+        assert _equal(r["state"], res[0]["state"])
+    for a, b in REPLICAS:
+        assert _equal(res[a]["local_state"], res[b]["local_state"])
+    assert res[0]["losses"][-1] < res[0]["losses"][0]
 
 
 # -- distributed checkpoints ---------------------------------------------------------------------

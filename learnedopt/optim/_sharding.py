@@ -14,12 +14,14 @@ tensor, viewed as ``[rows, n]`` or ``[n, width]`` (n: the local shard's size), i
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["is_dtensor", "local", "param_name", "ShardSpec", "shard_spec", "state_like", "local_view", "reduction_group"]
+__all__ = ["is_dtensor", "local", "param_name", "ShardSpec", "shard_spec", "state_like", "local_view", "reduction_group",
+           "nonfinite_flags", "agree_nonfinite", "skipping"]
 
 
 def is_dtensor(t) -> bool:
@@ -138,14 +140,106 @@ def reduction_group(owner: str, specs: list[ShardSpec | None]):
     return first.mesh.get_group(first.shard_dim)
 
 
+# -- a non-finite gradient in one shard -------------------------------------------------------------
+# Unsharded, a tensor whose gradient holds a NaN or an inf is skipped whole: neither it nor its
+# per-coordinate state changes (the fused kernels' first pass). Sharded, each rank sees its shard only,
+# and the kernels write the state of a finite shard in place; so which tensors are non-finite anywhere
+# must be known BEFORE the kernel: every rank flags its shards (nonfinite_flags), one all-reduce (MAX)
+# of those [T] flags (agree_nonfinite) tells every rank, and the kernel then skips the flagged tensors
+# on every rank (skipping). This is a collective of its own: the hierarchical optimizer's sums can only
+# be reduced after the kernel, and undoing a step after it would need a copy of the whole
+# per-coordinate state every step (its size again in memory, about twice the step's memory traffic).
+
+
+def nonfinite_flags(grads: list[Tensor], grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+                    params: list[Tensor] | None = None, weight_decays: list[float] | None = None) -> Tensor:
+    """[T] float32 on the gradients' device: 1 where the local gradient ``grads[i]`` holds a value the
+    fused kernels judge non-finite, else 0; all 1 where ``found_inf`` is nonzero (the kernels then skip
+    every tensor). The kernels' test: g / grad_scale (the hierarchical op); with ``params`` (L2L),
+    g / grad_scale + weight_decay * p. No host synchronisation: two batched ``torch._foreach_norm`` (the
+    largest |g| decides whether g / grad_scale overflows, the sum of |g| whether a NaN is there); a
+    tensor with a nonzero weight decay is tested elementwise."""
+    dev = grads[0].device
+    T = len(grads)
+    no = torch.zeros((), dtype=torch.bool, device=dev)
+    bad = [no] * T
+    inv = None if grad_scale is None else 1.0 / grad_scale.to(device=dev, dtype=torch.float64)
+    wd = weight_decays or [0.0] * T
+    acc = [torch.float64 if g.dtype == torch.float64 else torch.float32 for g in grads]
+    # weight decay 0 (or no params): the largest |g| and the sum of |g| (of p too: 0 * p is NaN for an inf p)
+    idx = [i for i, g in enumerate(grads) if g.numel() > 0 and wd[i] == 0.0]
+    if idx:
+        ts = [grads[i] for i in idx]
+        if params is not None:
+            ts += [params[i] for i in idx]
+        big = torch._foreach_norm(ts, float("inf"), dtype=torch.float64)
+        tot = torch._foreach_norm(ts, 1, dtype=torch.float64)
+        n = len(idx)
+        for j, i in enumerate(idx):
+            g_big = big[j] if inv is None else (big[j].to(acc[i]) * inv.to(acc[i]))
+            b = torch.isnan(tot[j]) | ~torch.isfinite(g_big)
+            if params is not None:
+                b = b | torch.isnan(tot[n + j]) | torch.isinf(big[n + j])
+            bad[i] = b
+    for i, g in enumerate(grads):
+        if g.numel() > 0 and wd[i] != 0.0:
+            a = acc[i]
+            v = g.to(a) if inv is None else g.to(a) * inv.to(a)
+            bad[i] = ~torch.isfinite(v + wd[i] * params[i].to(a)).all()
+    flags = torch.stack(bad)
+    if found_inf is not None:
+        flags = flags | (found_inf.to(dev) != 0)
+    return flags.to(torch.float32)
+
+
+def agree_nonfinite(flags: Tensor, group) -> Tensor:
+    """Every rank's ``flags`` [T] combined by one all-reduce (MAX) over ``group``: [T] bool, True where
+    some shard of tensor i is non-finite."""
+    import torch.distributed as dist
+
+    flags = flags.contiguous()
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return flags > 0
+
+
+@contextlib.contextmanager
+def skipping(grads: list[Tensor], skip: Tensor):
+    """While the block runs, the local gradient of every tensor flagged in ``skip`` [T] holds a NaN (its
+    first element), so that the fused kernels skip that tensor here too, as on the rank whose shard is
+    non-finite; the gradients are restored after. On CUDA by ``torch.where`` on every tensor (no host
+    synchronisation), on the CPU only on the flagged ones."""
+    idx = [i for i, g in enumerate(grads) if g.numel() > 0]
+    if not idx:
+        yield
+        return
+    dev = grads[idx[0]].device
+    flags = skip.unbind(0)
+    if dev.type == "cpu":
+        idx = [i for i in idx if bool(flags[i])]
+    firsts = [grads[i][(0,) * grads[i].dim()] for i in idx]
+    saved = [f.clone() for f in firsts]
+    if firsts:
+        nan = torch.full((), float("nan"), device=dev)
+        if dev.type == "cpu":
+            torch._foreach_copy_(firsts, [nan] * len(firsts))
+        else:
+            torch._foreach_copy_(firsts, [torch.where(flags[i], nan, v) for i, v in zip(idx, saved)])
+    try:
+        yield
+    finally:
+        if firsts:
+            torch._foreach_copy_(firsts, saved)
+
+
 # -- the hierarchical optimizer on shards ----------------------------------------------------------
 def reduce_hier_sums(sums: Tensor, params: list[Tensor], specs: list[ShardSpec | None], group,
                      k_stepped: int) -> tuple[Tensor, Tensor]:
     """The per-tensor sums of the whole tensors from those of the local shards (``sums`` [T, K]: the
     fused op's output on the shards, column ``k_stepped`` its stepped flag), by ONE all-reduce over
     ``group`` for all tensors. A tensor takes the step when no nonempty shard of it was skipped (a NaN/inf
-    in its gradient there) and it is nonempty; a replicated parameter's sums count once (from the
-    group's rank 0). Returns (sums [T, K] as the fused op gives them for whole tensors, stepped [T])."""
+    in its gradient there: the kernel skipped it on every rank, see :func:`skipping`) and it is nonempty;
+    a replicated parameter's sums count once (from the group's rank 0). Returns (sums [T, K] as the fused
+    op gives them for whole tensors, stepped [T])."""
     import torch.distributed as dist
 
     from ..rules.hierarchical import device_values

@@ -3,6 +3,7 @@ network, reference step and meta-training rule are in :mod:`learnedopt.rules.hie
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -195,11 +196,22 @@ class HierarchicalOptimizer(_LearnedOptimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         net = self.net
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(device)
+        if found_inf is not None:
+            found_inf = found_inf.to(device)
         if self._use_fused(device):
             local_params = [_sharding.local(p) for p in params]
+            local_grads = [_sharding.local(g) for g in grads]
             coords = [_sharding.local_view(s["coord"], rows_first=True) for s in states]
             reduce = None
+            skipped = contextlib.nullcontext()
             if shard_group is not None:
+                # A NaN/inf in any shard of a gradient skips that whole tensor on every rank, as unsharded:
+                # the per-tensor flags are agreed on by an all-reduce BEFORE the kernel writes any state.
+                agreed = _sharding.agree_nonfinite(_sharding.nonfinite_flags(local_grads, grad_scale, found_inf),
+                                                   shard_group)
+                skipped = _sharding.skipping(local_grads, agreed)
                 # Sharded: the kernel stepped the local shards with lr = 0 (the coordinates' state and
                 # their partial sums; p - 0 * u leaves p as it is); the sums are reduced, then
                 # p -= lr / rms(d) * u.
@@ -209,10 +221,10 @@ class HierarchicalOptimizer(_LearnedOptimizer):
                     _sharding.apply_hier_update(local_params, coords, sums[:, K_D2], numels, lrs, stepped,
                                                 net.rows.u)
                     return sums, stepped
-            stepped, new_t, new_g, new_log_lr_sums = fused_step_(
-                net, local_params, [_sharding.local(g) for g in grads], coords, tensor_prev, glob, numels,
-                mean_log_lr, self._packed(device), lrs, None if grad_scale is None else grad_scale.to(device),
-                None if found_inf is None else found_inf.to(device), reduce=reduce)
+            with skipped:
+                stepped, new_t, new_g, new_log_lr_sums = fused_step_(
+                    net, local_params, local_grads, coords, tensor_prev, glob, numels, mean_log_lr,
+                    self._packed(device), lrs, grad_scale, found_inf, reduce=reduce)
         else:
             stepped, new_t, new_g, new_log_lr_sums = self._reference_step(params, grads, states, lrs, tensor_prev,
                                                                           glob, grad_scale, found_inf)

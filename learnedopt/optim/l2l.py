@@ -4,6 +4,7 @@ and meta-training rule are in :mod:`learnedopt.rules.l2l`, its reference step is
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -109,10 +110,44 @@ class L2LOptimizer(_LearnedOptimizer):
         # optimizer as it was (no state on a device it cannot step on).
         stepped = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         check_gradients("L2LOptimizer", stepped)
+        specs = []
         for p in stepped:
             ops._require(p.device, "L2LOptimizer.step")
             # L2L is coordinatewise: a DTensor (FSDP2) parameter is stepped on its local shard
-            _sharding.shard_spec("L2LOptimizer", _sharding.param_name(self, p), p)
+            specs.append(_sharding.shard_spec("L2LOptimizer", _sharding.param_name(self, p), p))
+        with self._skip_nonfinite_shards(stepped, specs, grad_scale, found_inf):
+            self._step_groups(grad_scale, found_inf)
+        return loss
+
+    def _skip_nonfinite_shards(self, stepped, specs, grad_scale, found_inf):
+        """Unsharded, a NaN/inf anywhere in a gradient skips that whole tensor; sharded, the same: the
+        sharded tensors' per-tensor flags (:func:`learnedopt.optim._sharding.nonfinite_flags`) are agreed
+        on by one all-reduce per process group of their mesh dimension (one in all for FSDP2 and HSDP) before
+        the kernel, which then skips a flagged tensor on every rank. Plain and replicated parameters
+        need nothing (each rank holds the whole tensor)."""
+        by_group: dict = {}
+        wds = {id(p): float(g["weight_decay"]) for g in self.param_groups for p in g["params"]}
+        for p, spec in zip(stepped, specs):
+            if spec is not None and spec.shard_dim is not None:
+                by_group.setdefault((spec.mesh, spec.shard_dim), []).append(p)
+        if not by_group:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        try:
+            for (mesh, dim), ps in by_group.items():
+                grads = [_sharding.local(p.grad) for p in ps]
+                dev = grads[0].device
+                flags = _sharding.nonfinite_flags(grads, None if grad_scale is None else grad_scale.to(dev),
+                                                  None if found_inf is None else found_inf.to(dev),
+                                                  params=[_sharding.local(p) for p in ps],
+                                                  weight_decays=[wds[id(p)] for p in ps])
+                stack.enter_context(_sharding.skipping(grads, _sharding.agree_nonfinite(flags, mesh.get_group(dim))))
+        except BaseException:
+            stack.close()  # the gradients already marked are restored
+            raise
+        return stack
+
+    def _step_groups(self, grad_scale, found_inf) -> None:
         for group in self.param_groups:
             by_device: dict[torch.device, tuple[list, list, list]] = {}
             for p in group["params"]:
@@ -134,7 +169,6 @@ class L2LOptimizer(_LearnedOptimizer):
                     None if grad_scale is None else grad_scale.to(device),
                     None if found_inf is None else found_inf.to(device),
                 )
-        return loss
 
     # -- checkpoints (see _LearnedOptimizer) ----------------------------------------------------
     def _state_dtypes(self, p: Tensor) -> dict[str, torch.dtype]:
