@@ -292,3 +292,50 @@ def test_dcp_reshard_2_to_3_and_1(tmp_path):
             for p, q in zip(r["params"], saved_k["params"]):
                 torch.testing.assert_close(p, q, **tol)
             _close_states(r["state"], saved_k["state"], **tol)
+
+
+# -- the non-finite flags agree with the kernels ------------------------------------------------------
+def _nonfinite_cases():
+    big = 3e38  # finite; over float32's range once divided by a grad_scale of 0.5
+    gs = [torch.tensor([1.0, float("nan"), 2.0]), torch.tensor([[1.0, float("-inf")]]), torch.tensor([big, -big]),
+          torch.randn(5, 3), torch.tensor([1.0, float("nan")], dtype=torch.bfloat16), torch.tensor(float("inf")),
+          torch.tensor(0.5), torch.tensor([60000.0], dtype=torch.float16), torch.tensor([1e300, 2.0], dtype=torch.float64)]
+    return gs
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("grad_scale", [None, 0.5, 2.0])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_nonfinite_flags_are_the_kernels_skips(kind, grad_scale, weight_decay):
+    """_sharding.nonfinite_flags (the sharded step's per-tensor test, made before the kernel) flags
+    exactly the tensors the unsharded fused kernel skips: NaN, inf, a finite gradient that overflows
+    once unscaled, bf16 / fp16 / float64, 0-d; for L2L also an inf parameter and weight decay."""
+    from learnedopt.optim import _sharding
+
+    if kind == "hier" and weight_decay:
+        pytest.skip("the hierarchical optimizer has no weight decay")
+    torch.manual_seed(0)
+    grads = _nonfinite_cases()
+    params = [torch.nn.Parameter(torch.randn(g.shape).to(g.dtype)) for g in grads]
+    if kind == "l2l":  # an inf parameter with a finite gradient: 0 * inf is NaN, the kernel skips it
+        params.append(torch.nn.Parameter(torch.tensor([1.0, float("inf")])))
+        grads.append(torch.tensor([0.1, 0.2]))
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    scale = None if grad_scale is None else torch.tensor(grad_scale)
+    flags = _sharding.nonfinite_flags(grads, scale, None, params=params if kind == "l2l" else None,
+                                      weight_decays=[weight_decay] * len(grads) if kind == "l2l" else None)
+    kw = dict(weight_decay=weight_decay) if kind == "l2l" else {}
+    # one tensor per optimizer: the hierarchical optimizer steps the ones left even if one is skipped
+    skipped = []
+    for p in params:
+        before = p.detach().clone()
+        opt = make_opt(kind, [p], **kw)
+        if scale is not None:
+            opt.grad_scale, opt.found_inf = scale, torch.tensor(0.0)
+        opt.step()
+        state = next(iter(opt.state[p].values()))
+        skipped.append(bool(torch.equal(p.detach(), before) and not state.ne(0).any()) if kind == "l2l"
+                       else bool(torch.equal(p.detach(), before)))
+    assert flags.tolist() == [float(s) for s in skipped]
+    assert any(skipped) and not all(skipped)
