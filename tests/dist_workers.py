@@ -21,7 +21,10 @@ def entry(fn_name: str, rank: int, world: int, store: str, out: str, kwargs: dic
     """The process body: join the group, run worker ``fn_name``, save its result (or the traceback)."""
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        backend = kwargs.pop("backend", "gloo")
+        if "nccl" in backend:
+            torch.cuda.set_device(rank)  # nccl: one GPU per rank
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
         result = globals()[fn_name](rank, world, **kwargs)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
         dist.barrier()
@@ -355,4 +358,52 @@ def _local_states(opt) -> dict:
         for k, v in opt.state.get(p, {}).items():
             if hasattr(v, "to_local"):
                 out[f"{i}.{k}"] = v
+    return out
+
+
+# -- CPU offload (needs 2 GPUs) ---------------------------------------------------------------------
+def fsdp_offload(rank, world, steps):
+    """fully_shard with CPUOffloadPolicy on a CUDA mesh (nccl): the module runs on the GPU, the shards,
+    their gradients and the optimizer state live on the CPU and the step runs there. Each optimizer
+    (the learned ones and torch.optim.Adam) trains the sharded model, each rank on its part of the
+    batch (the same batch every step), and an unsharded copy on the CPU on the whole batch. Returns, per
+    optimizer, the local shards (the parent concatenates them), the unsharded parameters, where shards
+    and state live, and the whole-batch loss of the sharded model before and after."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda", torch.cuda.current_device())
+    mesh = init_device_mesh("cuda", (world,))
+    out = {}
+    for name in (*KINDS, "adam"):
+        model = mlp()
+        ref = copy.deepcopy(model)
+        for m in model:
+            if isinstance(m, nn.Linear):
+                fully_shard(m, mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=False))
+        fully_shard(model, mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=False))
+        make = (lambda ps: torch.optim.Adam(ps, lr=1e-2)) if name == "adam" else (lambda ps: make_opt(name, ps))
+        opt, ropt = make(model.parameters()), make(ref.parameters())
+        x, y = batch(0, n=6 * world)  # one batch, every step: the loss on it falls
+        with torch.no_grad():
+            loss0 = nn.functional.mse_loss(model(x.to(dev)), y.to(dev)).item()
+        for step in range(steps):
+            opt.zero_grad()
+            xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+            nn.functional.mse_loss(model(xs.to(dev)), ys.to(dev)).backward()
+            opt.step()
+            ropt.zero_grad()
+            nn.functional.mse_loss(ref(x), y).backward()
+            ropt.step()
+        with torch.no_grad():
+            loss1 = nn.functional.mse_loss(model(x.to(dev)), y.to(dev)).item()
+        params = list(model.parameters())
+        state = [v for p in params for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        out[name] = {"local_params": [p.to_local().detach().clone() for p in params],
+                     "ref_params": [q.detach().clone() for q in ref.parameters()],
+                     "devices": sorted({t.to_local().device.type if hasattr(t, "to_local") else t.device.type
+                                        for t in [*params, *state]}),
+                     "losses": (loss0, loss1)}
     return out

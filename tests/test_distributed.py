@@ -278,6 +278,27 @@ def test_hsdp_training_loop(hsdp_runs, kind):
     assert res[0]["losses"][-1] < res[0]["losses"][0]
 
 
+# -- CPU offload -------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
+                    reason="FSDP2's CPUOffloadPolicy runs the module on CUDA (even torch.optim.Adam fails without a "
+                           "GPU) and nccl needs one GPU per rank: 2 GPUs")
+def test_fsdp2_cpu_offload(tmp_path):
+    """fully_shard(..., offload_policy=CPUOffloadPolicy()) on 2 GPUs (nccl only: the optimizers' few
+    numbers reach the group through the GPU): both learned optimizers train as torch.optim.Adam does:
+    shards and state on the CPU, finite, the loss falls, and the sharded model follows the unsharded
+    one stepped on the CPU with the whole batch (another device and summation order: float tolerance)."""
+    res = run_ranks(tmp_path, "fsdp_offload", 2, backend="nccl", steps=4)
+    for name in (*KINDS, "adam"):
+        r0, r1 = res[0][name], res[1][name]
+        assert r0["devices"] == ["cpu"] and r1["devices"] == ["cpu"], (name, r0["devices"])
+        whole = [torch.cat([a, b]) for a, b in zip(r0["local_params"], r1["local_params"])]
+        for p, q in zip(whole, r0["ref_params"]):
+            assert torch.isfinite(p).all()
+            torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+        assert r0["losses"] == r1["losses"] and r0["losses"][1] < r0["losses"][0], (name, r0["losses"])
+
+
 # -- distributed checkpoints ---------------------------------------------------------------------
 def test_dcp_reshard_2_to_3_and_1(tmp_path):
     """Saved on 2 ranks, loaded on 3 and on 1: the continued trajectory is the one without the reload."""

@@ -192,13 +192,41 @@ def nonfinite_flags(grads: list[Tensor], grad_scale: Tensor | None = None, found
     return flags.to(torch.float32)
 
 
+def _reaches_cpu(group) -> bool:
+    """Whether ``group`` has a backend for CPU tensors (gloo; "cpu:gloo,cuda:nccl"); an NCCL-only group
+    has none."""
+    try:
+        group._get_backend(torch.device("cpu"))
+        return True
+    except RuntimeError:
+        return False
+    except AttributeError:  # another torch: assume it can
+        return True
+
+
+def all_reduce(t: Tensor, group, op=None) -> None:
+    """``dist.all_reduce(t)`` in place over ``group``. The optimizers' few numbers are on the parameters'
+    device; under FSDP2's ``CPUOffloadPolicy`` that is the CPU while the group may be NCCL only: then
+    they go through the current CUDA device (a copy there and back: the offloaded step runs on the
+    CPU and waits for its results anyway)."""
+    import torch.distributed as dist
+
+    op = dist.ReduceOp.SUM if op is None else op
+    if t.device.type == "cpu" and torch.cuda.is_available() and not _reaches_cpu(group):
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=op, group=group)
+        t.copy_(on_gpu)
+    else:
+        dist.all_reduce(t, op=op, group=group)
+
+
 def agree_nonfinite(flags: Tensor, group) -> Tensor:
     """Every rank's ``flags`` [T] combined by one all-reduce (MAX) over ``group``: [T] bool, True where
     some shard of tensor i is non-finite."""
     import torch.distributed as dist
 
     flags = flags.contiguous()
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    all_reduce(flags, group, dist.ReduceOp.MAX)
     return flags > 0
 
 
@@ -252,7 +280,7 @@ def reduce_hier_sums(sums: Tensor, params: list[Tensor], specs: list[ShardSpec |
     part = torch.where(counts[:, None], sums[:, :k_stepped], torch.zeros((), dtype=sums.dtype, device=dev))
     bad = (nonempty & (sums[:, k_stepped] == 0)).to(sums.dtype)
     vec = torch.cat([part, bad[:, None]], 1).contiguous()
-    dist.all_reduce(vec, group=group)
+    all_reduce(vec, group)
     whole_nonempty = device_values([float(p.numel() > 0) for p in params], sums.dtype, dev) > 0
     stepped = (vec[:, k_stepped] == 0) & whole_nonempty
     return torch.cat([vec[:, :k_stepped], stepped.to(sums.dtype)[:, None]], 1), stepped
