@@ -336,12 +336,16 @@ def fsdp_nonfinite(rank, world, kind, steps, bad_step, bad_param, bad_row, value
             out["holds_bad"] = bool((~torch.isfinite(bp.grad.to_local())).any())
             before = [bp.to_local().clone(), opt.state[bp][key].to_local().clone() if opt.state else None,
                       rq.detach().clone(), ropt.state[rq][key].clone() if ropt.state else None]
+            grad_before = [p.grad.to_local().clone() for p in params]
         with CountAllReduce() as c:
             opt.step()
         calls.append(c.calls)
         ropt.step()
         if step == bad_step:
             out["bad_before"] = before
+            # the gradients are the caller's again (NaN where they were NaN only)
+            out["grads_restored"] = all(torch.allclose(p.grad.to_local(), g, rtol=0, atol=0, equal_nan=True)
+                                        for p, g in zip(params, grad_before))
             out["bad_after"] = [bp.to_local().clone(), opt.state[bp][key].to_local().clone(), rq.detach().clone(),
                                 ropt.state[rq][key].clone()]
     out.update({"params": [full(p) for p in params], "ref_params": [q.detach().clone() for q in rparams],

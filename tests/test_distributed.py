@@ -170,6 +170,7 @@ def test_fsdp2_nonfinite_gradient_in_one_shard(fsdp_runs, kind, world):
         p1, s1, rp1, rs1 = r["bad_after"]
         assert torch.equal(p0, p1) and torch.equal(s0, s1), f"rank {res.index(r)} stepped its shard"
         assert torch.equal(rp0, rp1) and torch.equal(rs0, rs1)  # what the unsharded optimizer does
+        assert r["grads_restored"]
         assert not torch.equal(r["params"][0], rp0)  # ... and the steps after it moved the tensor again
         assert r["calls"] == [CALLS[kind]] * NONFINITE["steps"]
     _check_against_unsharded(res, kind)
@@ -259,7 +260,7 @@ def test_hsdp_nonfinite_gradient_in_one_shard(hsdp_runs, kind):
     for r in res:
         p0, s0, _, _ = r["bad_before"]
         p1, s1, _, _ = r["bad_after"]
-        assert torch.equal(p0, p1) and torch.equal(s0, s1)
+        assert torch.equal(p0, p1) and torch.equal(s0, s1) and r["grads_restored"]
     _check_against_unsharded(res, kind)
 
 

@@ -10,6 +10,11 @@ shape is the parameter's shape with the state's rows in front (``[rows, *p.shape
 ``Shard(0)`` becoming ``Shard(1)``) or its columns behind (``[*p.shape, width]``, ``Shard(0)``), so that
 ``torch.distributed.checkpoint`` saves, loads and reshards it as it does torch.optim's state. Its local
 tensor, viewed as ``[rows, n]`` or ``[n, width]`` (n: the local shard's size), is what the kernels take.
+
+Collectives per sharded step, on the process group of the shards' mesh dimension, each for all tensors
+at once: L2L one (the per-tensor non-finite flags, :func:`agree_nonfinite`, before the kernel), the
+hierarchical optimizer two (those flags, then the per-tensor sums after the kernel,
+:func:`reduce_hier_sums`). Why the flags need their own: see "a non-finite gradient in one shard" below.
 """
 
 from __future__ import annotations

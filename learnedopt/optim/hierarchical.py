@@ -3,7 +3,6 @@ network, reference step and meta-training rule are in :mod:`learnedopt.rules.hie
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -63,10 +62,13 @@ class HierarchicalOptimizer(_LearnedOptimizer):
     The problem the network sees is all parameters that have a gradient in a step: its global RNN
     reads their mean tensor state, and the relative log learning rate is against their mean.
 
-    Distributed: under DDP nothing changes. FSDP2 (``fully_shard``: DTensor parameters sharded on dim 0)
-    is stepped on the local shards, with the per-tensor sums reduced by one all-reduce per step on the
-    mesh's process group, so it computes what the unsharded optimizer computes (see
-    :mod:`learnedopt.optim._sharding` and README "Distributed"); other placements raise.
+    Distributed: under DDP nothing changes. FSDP2 and HSDP (``fully_shard``: DTensor parameters sharded
+    on dim 0) are stepped on the local shards, so that it computes what the unsharded optimizer computes
+    (see :mod:`learnedopt.optim._sharding` and README "Distributed"), by **two** all-reduces per step on
+    the process group of the shards' mesh dimension, each for all tensors: the per-tensor "non-finite
+    gradient" flags before the kernel (a NaN/inf in any shard skips that whole tensor on every rank, as
+    unsharded: it must be known before any state is written) and the per-tensor sums after it (needed
+    by the update's RMS, the tensor and global RNNs). Other placements raise.
 
     Gradients: parameters without ``.grad`` are skipped; sparse or complex gradients raise. A
     parameter whose gradient holds a NaN or an inf is **skipped for that step** (neither it nor any of
@@ -204,8 +206,7 @@ class HierarchicalOptimizer(_LearnedOptimizer):
             local_params = [_sharding.local(p) for p in params]
             local_grads = [_sharding.local(g) for g in grads]
             coords = [_sharding.local_view(s["coord"], rows_first=True) for s in states]
-            reduce = None
-            skipped = contextlib.nullcontext()
+            reduce = skipped = None
             if shard_group is not None:
                 # A NaN/inf in any shard of a gradient skips that whole tensor on every rank, as unsharded:
                 # the per-tensor flags are agreed on by an all-reduce BEFORE the kernel writes any state.
@@ -221,10 +222,13 @@ class HierarchicalOptimizer(_LearnedOptimizer):
                     _sharding.apply_hier_update(local_params, coords, sums[:, K_D2], numels, lrs, stepped,
                                                 net.rows.u)
                     return sums, stepped
-            with skipped:
-                stepped, new_t, new_g, new_log_lr_sums = fused_step_(
-                    net, local_params, local_grads, coords, tensor_prev, glob, numels, mean_log_lr,
-                    self._packed(device), lrs, grad_scale, found_inf, reduce=reduce)
+            args = (net, local_params, local_grads, coords, tensor_prev, glob, numels, mean_log_lr,
+                    self._packed(device), lrs, grad_scale, found_inf)
+            if skipped is None:  # (no context manager: a fullgraph torch.compile of step() stays one graph)
+                stepped, new_t, new_g, new_log_lr_sums = fused_step_(*args)
+            else:
+                with skipped:
+                    stepped, new_t, new_g, new_log_lr_sums = fused_step_(*args, reduce=reduce)
         else:
             stepped, new_t, new_g, new_log_lr_sums = self._reference_step(params, grads, states, lrs, tensor_prev,
                                                                           glob, grad_scale, found_inf)

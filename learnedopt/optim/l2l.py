@@ -50,8 +50,10 @@ class L2LOptimizer(_LearnedOptimizer):
             follows ``torch.optim.lr_scheduler``.
         weight_decay: L2 penalty added to the gradient before the network reads it.
 
-    Distributed: under DDP nothing changes; FSDP2 (``fully_shard``) parameters are stepped on their
-    local shards (the step is coordinatewise), with state sharded like them (README "Distributed").
+    Distributed: under DDP nothing changes; FSDP2 and HSDP (``fully_shard``) parameters are stepped on
+    their local shards (the step is coordinatewise), with state sharded like them, bitwise the
+    unsharded result (README "Distributed"). One all-reduce per step (of one flag per sharded tensor)
+    makes a NaN/inf in any shard of a gradient skip that whole tensor on every rank, as unsharded.
 
     Gradients: parameters without ``.grad`` are skipped; sparse or complex gradients raise. A
     parameter whose gradient holds a NaN or an inf is **skipped for that step**: neither it nor its
@@ -115,7 +117,10 @@ class L2LOptimizer(_LearnedOptimizer):
             ops._require(p.device, "L2LOptimizer.step")
             # L2L is coordinatewise: a DTensor (FSDP2) parameter is stepped on its local shard
             specs.append(_sharding.shard_spec("L2LOptimizer", _sharding.param_name(self, p), p))
-        with self._skip_nonfinite_shards(stepped, specs, grad_scale, found_inf):
+        if any(s is not None and s.shard_dim is not None for s in specs):
+            with self._skip_nonfinite_shards(stepped, specs, grad_scale, found_inf):
+                self._step_groups(grad_scale, found_inf)
+        else:  # (no context manager: a fullgraph torch.compile of step() stays one graph)
             self._step_groups(grad_scale, found_inf)
         return loss
 
@@ -130,8 +135,6 @@ class L2LOptimizer(_LearnedOptimizer):
         for p, spec in zip(stepped, specs):
             if spec is not None and spec.shard_dim is not None:
                 by_group.setdefault((spec.mesh, spec.shard_dim), []).append(p)
-        if not by_group:
-            return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         try:
             for (mesh, dim), ps in by_group.items():
