@@ -328,11 +328,16 @@ def _nonfinite_cases():
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("grad_scale", [None, 0.5, 2.0])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_nonfinite_flags_are_the_kernels_skips(kind, grad_scale, weight_decay):
+@pytest.mark.parametrize("how", ["sums", "norms"])
+def test_nonfinite_flags_are_the_kernels_skips(kind, grad_scale, weight_decay, how, monkeypatch):
     """_sharding.nonfinite_flags (the sharded step's per-tensor test, made before the kernel) flags
     exactly the tensors the unsharded fused kernel skips: NaN, inf, a finite gradient that overflows
-    once unscaled, bf16 / fp16 / float64, 0-d; for L2L also an inf parameter and weight decay."""
+    once unscaled, bf16 / fp16 / float64, 0-d; for L2L also an inf parameter and weight decay. Both
+    ways: the CPU's (sums) and the GPU's (norms, no host synchronisation), here on CPU tensors."""
     from learnedopt.optim import _sharding
+
+    if how == "norms":
+        monkeypatch.setattr(_sharding, "_flags_by_sums", _sharding._flags_by_norms)
 
     if kind == "hier" and weight_decay:
         pytest.skip("the hierarchical optimizer has no weight decay")

@@ -161,17 +161,55 @@ def nonfinite_flags(grads: list[Tensor], grad_scale: Tensor | None = None, found
     """[T] float32 on the gradients' device: 1 where the local gradient ``grads[i]`` holds a value the
     fused kernels judge non-finite, else 0; all 1 where ``found_inf`` is nonzero (the kernels then skip
     every tensor). The kernels' test: g / grad_scale (the hierarchical op); with ``params`` (L2L),
-    g / grad_scale + weight_decay * p. No host synchronisation: two batched ``torch._foreach_norm`` (the
-    largest |g| decides whether g / grad_scale overflows, the sum of |g| whether a NaN is there); a
-    tensor with a nonzero weight decay is tested elementwise."""
+    g / grad_scale + weight_decay * p. On the CPU: a sum per tensor (finite: every element is), the
+    kernels' formula elementwise only where it is not (or where g / grad_scale may overflow); on a GPU
+    (no host synchronisation): two batched ``torch._foreach_norm`` (the largest |g| decides whether
+    g / grad_scale overflows, the sum of |g| whether a NaN is there)."""
     dev = grads[0].device
-    T = len(grads)
-    no = torch.zeros((), dtype=torch.bool, device=dev)
-    bad = [no] * T
     inv = None if grad_scale is None else 1.0 / grad_scale.to(device=dev, dtype=torch.float64)
-    wd = weight_decays or [0.0] * T
-    acc = [torch.float64 if g.dtype == torch.float64 else torch.float32 for g in grads]
-    # weight decay 0 (or no params): the largest |g| and the sum of |g| (of p too: 0 * p is NaN for an inf p)
+    wd = weight_decays or [0.0] * len(grads)
+    flags = (_flags_by_sums if dev.type == "cpu" else _flags_by_norms)(grads, inv, params, wd)
+    if found_inf is not None:
+        flags = flags | (found_inf.to(dev) != 0)
+    return flags.to(torch.float32)
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    """The kernels' compute type for a tensor of this dtype."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _nonfinite_exact(g: Tensor, inv: Tensor | None, p: Tensor | None, wd: float) -> Tensor:
+    """The kernels' test, elementwise: is some g / grad_scale (+ wd * p) not finite? (0-dim bool)"""
+    a = _acc(g)
+    v = g.to(a) if inv is None else g.to(a) * inv.to(a)
+    if p is not None:
+        v = v + wd * p.to(a)
+    return ~torch.isfinite(v).all()
+
+
+def _flags_by_sums(grads, inv, params, wd) -> Tensor:
+    # A finite sum means finite elements (an inf or a NaN never sums to a finite value); g / grad_scale
+    # cannot overflow for a finite g when grad_scale >= 1, nor g + 0 * p for a finite p.
+    dev = grads[0].device
+    may_overflow = inv is not None and float(inv) > 1.0
+    bad = []
+    for i, g in enumerate(grads):
+        p = None if params is None else params[i]
+        if g.numel() == 0:
+            bad.append(torch.zeros((), dtype=torch.bool, device=dev))
+            continue
+        quick = wd[i] == 0.0 and not may_overflow and bool(torch.isfinite(g.sum())) and (
+            p is None or bool(torch.isfinite(p.sum())))
+        bad.append(torch.zeros((), dtype=torch.bool, device=dev) if quick else _nonfinite_exact(g, inv, p, wd[i]))
+    return torch.stack(bad)
+
+
+def _flags_by_norms(grads, inv, params, wd) -> Tensor:
+    dev = grads[0].device
+    no = torch.zeros((), dtype=torch.bool, device=dev)
+    bad = [no] * len(grads)
+    # weight decay 0: the largest |g| and the sum of |g| (of p too: 0 * p is NaN for an inf p)
     idx = [i for i, g in enumerate(grads) if g.numel() > 0 and wd[i] == 0.0]
     if idx:
         ts = [grads[i] for i in idx]
@@ -181,20 +219,16 @@ def nonfinite_flags(grads: list[Tensor], grad_scale: Tensor | None = None, found
         tot = torch._foreach_norm(ts, 1, dtype=torch.float64)
         n = len(idx)
         for j, i in enumerate(idx):
-            g_big = big[j] if inv is None else (big[j].to(acc[i]) * inv.to(acc[i]))
+            a = _acc(grads[i])
+            g_big = big[j] if inv is None else big[j].to(a) * inv.to(a)
             b = torch.isnan(tot[j]) | ~torch.isfinite(g_big)
             if params is not None:
                 b = b | torch.isnan(tot[n + j]) | torch.isinf(big[n + j])
             bad[i] = b
-    for i, g in enumerate(grads):
+    for i, g in enumerate(grads):  # a weight decay: the kernels' formula, elementwise
         if g.numel() > 0 and wd[i] != 0.0:
-            a = acc[i]
-            v = g.to(a) if inv is None else g.to(a) * inv.to(a)
-            bad[i] = ~torch.isfinite(v + wd[i] * params[i].to(a)).all()
-    flags = torch.stack(bad)
-    if found_inf is not None:
-        flags = flags | (found_inf.to(dev) != 0)
-    return flags.to(torch.float32)
+            bad[i] = _nonfinite_exact(g, inv, params[i], wd[i])
+    return torch.stack(bad)
 
 
 def _reaches_cpu(group) -> bool:
