@@ -57,9 +57,15 @@ def _console_command(folder: Path) -> Path:
     """The ``learnedopt`` console command as pip installs it from pyproject.toml's entry point
     ([project.scripts]: a script that imports the entry point's function and exits with its result),
     written into ``folder`` for this checkout (an installed one may belong to another checkout)."""
-    import tomllib
+    text = (Path(ROOT) / "pyproject.toml").read_text()
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the [project.scripts] line itself
+        import re
 
-    spec = tomllib.loads((Path(ROOT) / "pyproject.toml").read_text())["project"]["scripts"]["learnedopt"]
+        spec = re.search(r'^\[project\.scripts\][^\[]*?^learnedopt\s*=\s*"([^"]+)"', text, re.M | re.S).group(1)
+    else:
+        spec = tomllib.loads(text)["project"]["scripts"]["learnedopt"]
     module, func = spec.split(":")
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "learnedopt"
