@@ -135,7 +135,7 @@ def ddp(rank, world, kind, steps):
 
 
 # -- FSDP2 ---------------------------------------------------------------------------------------
-def fsdp_exact(rank, world, kind, steps, state_dtype=None):
+def fsdp_exact(rank, world, kind, steps, **opt_kw):
     """FSDP2 parameters and an unsharded copy stepped with the same (whole-batch) gradients, handed to
     the sharded parameters as DTensors; plus one replicated DTensor parameter in both. Returns the
     sharded and unsharded parameters and states, and the all-reduce calls per step."""
@@ -149,9 +149,8 @@ def fsdp_exact(rank, world, kind, steps, state_dtype=None):
     torch.manual_seed(1)
     rep_ref = nn.Parameter(torch.randn(4, 3))
     rep = nn.Parameter(distribute_tensor(rep_ref.detach().clone(), mesh, [Replicate()]))
-    kw = {} if state_dtype is None else {"state_dtype": state_dtype}
-    opt = make_opt(kind, [*model.parameters(), rep], **kw)
-    ropt = make_opt(kind, [*ref.parameters(), rep_ref], **kw)
+    opt = make_opt(kind, [*model.parameters(), rep], **opt_kw)
+    ropt = make_opt(kind, [*ref.parameters(), rep_ref], **opt_kw)
     calls = []
     for step in range(steps):
         x, y = batch(step)

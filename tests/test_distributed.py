@@ -107,7 +107,12 @@ def fsdp_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("fsdp")
     two = run_ranks(base, "several", 2, runs=[
         ("exact", "each_kind", dict(fn="fsdp_exact", steps=STEPS)),
-        ("bf16", "fsdp_exact", dict(kind="hier", steps=3, state_dtype=torch.bfloat16)),
+        # bf16 state without the update-ratio safeguard: the safeguard's log s (from shard sums in
+        # another order: last float bits) is added to the bf16 log-lr row after the op, and one bf16
+        # ulp of a log-lr (~0.4 %) there moves the next steps by more than this test's tolerance
+        ("bf16", "fsdp_exact", dict(kind="hier", steps=3, state_dtype=torch.bfloat16, max_update_ratio=0.0)),
+        # the safeguard binding on every tensor (lr 1): its u² and θ² sums ride the one all-reduce
+        ("ratio", "fsdp_exact", dict(kind="hier", steps=4, lr=1.0, max_update_ratio=0.003)),
         ("train", "each_kind", dict(fn="fsdp_train", steps=4)),
         ("refused", "placements_refused", {}),
         ("precision", "each_kind", dict(fn="fsdp_precision", steps=3)),
@@ -174,6 +179,19 @@ def test_fsdp2_nonfinite_gradient_in_one_shard(fsdp_runs, kind, world):
         assert not torch.equal(r["params"][0], rp0)  # ... and the steps after it moved the tensor again
         assert r["calls"] == [CALLS[kind]] * NONFINITE["steps"]
     _check_against_unsharded(res, kind)
+
+
+def test_fsdp2_hierarchical_update_ratio_safeguard(fsdp_runs):
+    """With the update-ratio safeguard binding (lr 1, tau 0.003), sharded = unsharded to float
+    tolerance, the global state bitwise the same on every rank and still the same all-reduces per step
+    (its sums ride the sums' one)."""
+    res = [r["ratio"] for r in fsdp_runs[2]]
+    for r in res:
+        for p, q in zip(r["params"], r["ref_params"]):
+            torch.testing.assert_close(p, q, atol=2e-6, rtol=2e-5)
+        _close_states(r["state"], r["ref_state"], atol=2e-5, rtol=2e-5)
+        assert r["calls"] == [CALLS["hier"]] * 4
+    assert _equal(res[0]["state"], res[1]["state"])
 
 
 def test_fsdp2_hierarchical_bf16_state(fsdp_runs):

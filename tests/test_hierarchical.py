@@ -222,15 +222,17 @@ def test_noncontiguous_params_and_grads(device):
         torch.testing.assert_close(a, b, **TOL32)
 
 
-def test_optimizer_equals_meta_rule():
+@pytest.mark.parametrize("ratio", [0.0, 0.003], ids=["no-safeguard", "safeguard"])
+def test_optimizer_equals_meta_rule(ratio):
     """HierarchicalOptimizer(lr) and the meta-training rule (the reference step on all tensors at
-    once, initial log-lr = log(lr)) are the same optimizer: what is meta-trained is what ships."""
+    once, initial log-lr = log(lr)) are the same optimizer: what is meta-trained is what ships; with
+    the update-ratio safeguard too (0.003 binds on these tensors)."""
     net = make_net()
     ps = params_like(SHAPES)
-    rule = HierarchicalRule(net, init_log_lr=math.log(1e-2))
+    rule = HierarchicalRule(net, init_log_lr=math.log(1e-2), max_update_ratio=ratio)
     params = [p.clone() for p in ps]
     state = rule.init_state(params)
-    opt = HierarchicalOptimizer(ps, lr=1e-2, net=net)
+    opt = HierarchicalOptimizer(ps, lr=1e-2, net=net, max_update_ratio=ratio)
     with torch.no_grad():
         for k in range(50):
             gs = params_like(SHAPES, seed=100 + k)
@@ -293,6 +295,82 @@ def test_lr_zero_keeps_params_but_advances_state(device, fused):
     for p, b in zip(ps, before):
         assert torch.equal(p, b)
         assert opt.state[p]["coord"][net.rows.a].abs().sum() > 0
+
+
+def _step_rms_and_log_lr(opt, ps, g):
+    before = [p.clone() for p in ps]
+    for p, gr in zip(ps, g):
+        p.grad = gr.clone()
+    opt.step()
+    return ([(p - b).double().pow(2).mean().sqrt().item() for p, b in zip(ps, before)],
+            [opt.state[p]["coord"][opt.net.rows.log_lr].double() for p in ps],
+            [b.double().pow(2).mean().sqrt().item() for b in before])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_update_ratio_safeguard_holds_the_update_at_its_bound(device, fused):
+    """A tensor whose update would exceed τ · max(rms θ, 1e-2) takes exactly that much, its log
+    learning rates lowered by log s = log(bound / unclipped update RMS) (the step's and the state's);
+    a tensor within its bound takes the step it takes without the safeguard, bitwise."""
+    from learnedopt.rules.hierarchical import UPDATE_RMS_FLOOR
+
+    net = make_net().to(device)
+    shapes = [(50, 7), (40,), (9,), (300,)]
+    base = params_like(shapes, device)
+    base[0].mul_(0.05)   # small weights: the update of lr 1 binds
+    base[1].zero_()      # a zero-initialised bias: the floor 1e-2 is its scale
+    base[3].mul_(1e4)    # large: within the bound
+    g = params_like(shapes, device, seed=7)
+    tau = 0.01
+    p_off, p_on = [p.clone() for p in base], [p.clone() for p in base]
+    off = HierarchicalOptimizer(p_off, lr=1.0, net=net, fused=fused, max_update_ratio=0.0)
+    on = HierarchicalOptimizer(p_on, lr=1.0, net=net, fused=fused, max_update_ratio=tau)
+    rms_off, ll_off, theta_rms = _step_rms_and_log_lr(off, p_off, g)
+    rms_on, ll_on, _ = _step_rms_and_log_lr(on, p_on, g)
+    for i in range(3):
+        bound = tau * max(theta_rms[i], UPDATE_RMS_FLOOR)
+        assert rms_off[i] > 1.5 * bound, (i, rms_off[i], bound)  # the case binds
+        assert rms_on[i] == pytest.approx(bound, rel=1e-4), i
+        log_s = math.log(bound / rms_off[i])
+        torch.testing.assert_close(ll_on[i], ll_off[i] + log_s, rtol=1e-5, atol=1e-5)
+    assert rms_off[3] < tau * theta_rms[3]
+    assert torch.equal(ll_on[3], ll_off[3]) and rms_on[3] == rms_off[3]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_matches_reference_with_the_safeguard_binding(device):
+    p1, p2, o1, o2 = _pair([(37, 13), (5,), (200,), (3, 1, 7)], device, lr=1.0)
+    for o in (o1, o2):
+        o.param_groups[0]["max_update_ratio"] = 0.002
+    before = [p.clone() for p in p1]
+    for k in range(30):
+        _same_grads(p1, p2, k, scale=10.0 ** ((k % 5) - 2))
+        o1.step()
+        o2.step()
+        if k == 0:
+            ratios = [((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-2)).item()
+                      for a, b in zip(p1, before)]
+            assert ratios == pytest.approx([0.002] * 4, rel=1e-3)  # every tensor at its bound
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(a, b, **TOL32)
+        torch.testing.assert_close(o1.state[a]["coord"], o2.state[b]["coord"], **TOL32)
+    torch.testing.assert_close(o1.global_state, o2.global_state, **TOL32)
+
+
+def test_update_ratio_argument_errors():
+    p = torch.zeros(3, requires_grad=True)
+    for bad in (-0.1, float("nan"), "0.01"):
+        with pytest.raises(ValueError, match="max_update_ratio"):
+            HierarchicalOptimizer([p], max_update_ratio=bad)
+        with pytest.raises(ValueError, match="max_update_ratio"):
+            HierarchicalRule(max_update_ratio=bad)
+    opt = HierarchicalOptimizer([p])
+    opt.param_groups[0]["max_update_ratio"] = -1.0
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['max_update_ratio'\]"):
+        opt.step()
+    assert not opt.state[p]  # refused before any state was made
 
 
 @pytest.mark.parametrize("device", DEVICES)

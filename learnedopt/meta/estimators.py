@@ -215,7 +215,8 @@ class _HierStepper(_Stepper):
         mean_log_lr = state["log_lr_sums"].sum() / state["numels"].sum()
         stepped, new_t, new_g, sums = fused_step_(self.clones[i].net, params, grads, state["coords"], state["tensor"],
                                                   state["glob"], state["numels"], mean_log_lr, self.packed[i],
-                                                  [1.0] * len(params))
+                                                  [1.0] * len(params),
+                                                  max_update_ratios=[self.clones[i].max_update_ratio] * len(params))
         state["tensor"] = new_t
         state["glob"] = new_g
         state["log_lr_sums"] = torch.where(stepped, sums, state["log_lr_sums"])

@@ -301,12 +301,12 @@ def skipping(grads: list[Tensor], skip: Tensor):
 # -- the hierarchical optimizer on shards ----------------------------------------------------------
 def reduce_hier_sums(sums: Tensor, params: list[Tensor], specs: list[ShardSpec | None], group,
                      k_stepped: int) -> tuple[Tensor, Tensor]:
-    """The per-tensor sums of the whole tensors from those of the local shards (``sums`` [T, K]: the
-    fused op's output on the shards, column ``k_stepped`` its stepped flag), by ONE all-reduce over
-    ``group`` for all tensors. A tensor takes the step when no nonempty shard of it was skipped (a NaN/inf
-    in its gradient there: the kernel skipped it on every rank, see :func:`skipping`) and it is nonempty;
-    a replicated parameter's sums count once (from the group's rank 0). Returns (sums [T, K] as the fused
-    op gives them for whole tensors, stepped [T])."""
+    """The per-tensor sums of the whole tensors from those of the local shards (``sums`` [T, C]: the
+    fused op's output on the shards, column ``k_stepped`` its stepped flag, and any further columns of
+    per-tensor sums), by ONE all-reduce over ``group`` for all tensors. A tensor takes the step when no
+    nonempty shard of it was skipped (a NaN/inf in its gradient there: the kernel skipped it on every
+    rank, see :func:`skipping`) and it is nonempty; a replicated parameter's sums count once (from the
+    group's rank 0). Returns (sums [T, C] as for whole tensors, stepped [T])."""
     import torch.distributed as dist
 
     from ..rules.hierarchical import device_values
@@ -316,30 +316,12 @@ def reduce_hier_sums(sums: Tensor, params: list[Tensor], specs: list[ShardSpec |
     first = dist.get_rank(group) == 0
     counts = device_values([float(first or (s is not None and s.shard_dim is not None)) for s in specs],
                            sums.dtype, dev) > 0
-    part = torch.where(counts[:, None], sums[:, :k_stepped], torch.zeros((), dtype=sums.dtype, device=dev))
+    zero = torch.zeros((), dtype=sums.dtype, device=dev)
     bad = (nonempty & (sums[:, k_stepped] == 0)).to(sums.dtype)
-    vec = torch.cat([part, bad[:, None]], 1).contiguous()
+    vec = torch.where(counts[:, None], sums, zero)
+    vec[:, k_stepped] = bad
     all_reduce(vec, group)
     whole_nonempty = device_values([float(p.numel() > 0) for p in params], sums.dtype, dev) > 0
     stepped = (vec[:, k_stepped] == 0) & whole_nonempty
-    return torch.cat([vec[:, :k_stepped], stepped.to(sums.dtype)[:, None]], 1), stepped
-
-
-def apply_hier_update(local_params: list[Tensor], coords: list[Tensor], d2: Tensor, numels: Tensor,
-                      lrs: list[float], stepped: Tensor, u_row: int) -> None:
-    """The update of the fused op's last pass, on the local shards, with the whole tensors' RMS:
-    p -= lr / sqrt(sum d² / numel + 1e-16) * u (u: row ``u_row`` of the shard's state ``coords[i]``),
-    computed as the kernels do (the scale in float64, the update in the parameter's compute type).
-    Tensors not ``stepped`` are left as they are."""
-    from ..rules.hierarchical import RMS_EPS, device_values
-
-    dev = d2.device
-    lr = device_values(lrs, torch.float64, dev)
-    scale = lr / torch.sqrt(d2.double() / numels.double().clamp_min(1) + RMS_EPS)
-    scale = torch.where(stepped, scale, torch.zeros((), dtype=scale.dtype, device=dev))
-    for p, c, sc in zip(local_params, coords, scale.unbind(0)):
-        if p.numel() == 0:
-            continue
-        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-        u = c[u_row].view(p.shape)
-        p.copy_(p.to(acc) - sc.to(acc) * u.to(acc))
+    vec[:, k_stepped] = stepped.to(sums.dtype)
+    return vec, stepped

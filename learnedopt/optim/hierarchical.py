@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..rules.hierarchical import (K_D2, K_STEPPED, HierarchicalNet, HierState, device_values, fused_step_,
+from ..rules.hierarchical import (DEFAULT_MAX_UPDATE_RATIO, K_STEPPED, HierarchicalNet, HierState, device_values, fused_step_,
                                   step_reference)
 from . import _sharding
 from ._base import _LearnedOptimizer, check_gradients, check_nonnegative, resolve_net
@@ -55,6 +55,13 @@ class HierarchicalOptimizer(_LearnedOptimizer):
             checkpoint's per-coordinate state to this dtype (a bfloat16 run resumes in float32 exactly).
         fused: ``None`` (default: the fused op when it can run this network), ``True`` (require it) or
             ``False`` (the pure-PyTorch reference, :func:`learnedopt.rules.hierarchical.step_reference`).
+        max_update_ratio: the update-ratio safeguard τ (default 0.01; 0 turns it off; per parameter
+            group, like ``lr``): a tensor's update is held to at most τ × max(its RMS, 1e-2) per step
+            by lowering that tensor's learning rates (the step's and the state's) just enough. The
+            network proposes steps in absolute units, and the sizes it learned on small problems
+            overshoot on wide networks (a ResNet-18 conv with fan-in 4,608 and RMS 0.02 took 40 % of
+            itself per step and the loss spiked from 2.6 to 6.8); with the safeguard the step is
+            relative to the tensor's scale. docs/resnet.md has the measurements.
 
     State: ``optimizer.state[p]["coord"]`` (``[32, numel]``: the rows of
     :class:`learnedopt.rules.hierarchical.Rows`), ``["tensor"]`` (the tensor GRU's state) and
@@ -80,8 +87,10 @@ class HierarchicalOptimizer(_LearnedOptimizer):
     _CACHES = ("_weights_cache", "_numels_cache")
 
     def __init__(self, params, lr: float = 1e-4, net=None, pretrained: str | None = None,
-                 state_dtype: torch.dtype = torch.float32, fused: bool | None = None):
+                 state_dtype: torch.dtype = torch.float32, fused: bool | None = None,
+                 max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO):
         check_nonnegative("HierarchicalOptimizer", "lr", lr)
+        check_nonnegative("HierarchicalOptimizer", "max_update_ratio", max_update_ratio)
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"HierarchicalOptimizer: state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         if fused not in (None, True, False):
@@ -97,7 +106,7 @@ class HierarchicalOptimizer(_LearnedOptimizer):
         self.pretrained = pretrained
         self.state_dtype = state_dtype
         self.fused = fused
-        super().__init__(params, dict(lr=lr))
+        super().__init__(params, dict(lr=lr, max_update_ratio=float(max_update_ratio)))
         self._weights_cache: dict[Any, tuple] = {}
         self._numels_cache: dict[Any, Tensor] = {}
         # created here, only ever updated in place in step() (torch.compile keeps in-place updates)
@@ -178,7 +187,10 @@ class HierarchicalOptimizer(_LearnedOptimizer):
             raise RuntimeError("HierarchicalOptimizer: sharded (FSDP2) parameters need the fused op (fused=None or "
                                "True and the compiled extension); the reference step (fused=False) runs on whole "
                                "tensors only")
-        grads, states, lrs = [], [], []
+        for gi, group in enumerate(self.param_groups):
+            check_nonnegative("HierarchicalOptimizer", f"param_groups[{gi}]['max_update_ratio']",
+                              group.get("max_update_ratio", self.defaults["max_update_ratio"]))
+        grads, states, lrs, ratios = [], [], [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -189,6 +201,7 @@ class HierarchicalOptimizer(_LearnedOptimizer):
                 grads.append(p.grad)
                 states.append(state)
                 lrs.append(float(group["lr"]))
+                ratios.append(float(group.get("max_update_ratio", self.defaults["max_update_ratio"])))
         cdt = torch.float64 if all(p.dtype == torch.float64 for p in params) else torch.float32
         glob = self.global_state.to(cdt)
         tensor_prev = torch.stack([s["tensor"].to(cdt) for s in states])
@@ -213,25 +226,23 @@ class HierarchicalOptimizer(_LearnedOptimizer):
                 agreed = _sharding.agree_nonfinite(_sharding.nonfinite_flags(local_grads, grad_scale, found_inf),
                                                    shard_group)
                 skipped = _sharding.skipping(local_grads, agreed)
-                # Sharded: the kernel stepped the local shards with lr = 0 (the coordinates' state and
-                # their partial sums; p - 0 * u leaves p as it is); the sums are reduced, then
-                # p -= lr / rms(d) * u.
+                # Sharded: the kernel steps the local shards with lr = 0 (the coordinates' state and
+                # their partial sums; p - 0 * u leaves p as it is); the sums are reduced by one
+                # collective, then p -= lr / rms(d) * u (fused_step_).
                 def reduce(sums):
                     sums, stepped = _sharding.reduce_hier_sums(sums, params, specs, shard_group, K_STEPPED)
-                    sums = sums.to(cdt)
-                    _sharding.apply_hier_update(local_params, coords, sums[:, K_D2], numels, lrs, stepped,
-                                                net.rows.u)
-                    return sums, stepped
+                    return sums.to(cdt), stepped
             args = (net, local_params, local_grads, coords, tensor_prev, glob, numels, mean_log_lr,
                     self._packed(device), lrs, grad_scale, found_inf)
             if skipped is None:  # (no context manager: a fullgraph torch.compile of step() stays one graph)
-                stepped, new_t, new_g, new_log_lr_sums = fused_step_(*args)
+                stepped, new_t, new_g, new_log_lr_sums = fused_step_(*args, max_update_ratios=ratios)
             else:
                 with skipped:
-                    stepped, new_t, new_g, new_log_lr_sums = fused_step_(*args, reduce=reduce)
+                    stepped, new_t, new_g, new_log_lr_sums = fused_step_(*args, reduce=reduce,
+                                                                         max_update_ratios=ratios)
         else:
-            stepped, new_t, new_g, new_log_lr_sums = self._reference_step(params, grads, states, lrs, tensor_prev,
-                                                                          glob, grad_scale, found_inf)
+            stepped, new_t, new_g, new_log_lr_sums = self._reference_step(params, grads, states, lrs, ratios,
+                                                                          tensor_prev, glob, grad_scale, found_inf)
         new_t = new_t.detach()
         torch._foreach_copy_([s["tensor"] for s in states], list(new_t.to(states[0]["tensor"].dtype).unbind(0)))
         new_sums = torch.where(stepped, new_log_lr_sums, log_lr_sums)
@@ -239,7 +250,7 @@ class HierarchicalOptimizer(_LearnedOptimizer):
         self.global_state.copy_(new_g.detach())
         return loss
 
-    def _reference_step(self, params, grads, states, lrs, tensor_prev, glob, grad_scale, found_inf):
+    def _reference_step(self, params, grads, states, lrs, ratios, tensor_prev, glob, grad_scale, found_inf):
         """The whole step through learnedopt.rules.hierarchical.step_reference (the meta-training rule's step)
         on the nonempty parameters, written back in place. Returns (stepped [T], new tensor states
         [T, G], new global state, new per-tensor log-lr sums [T])."""
@@ -261,7 +272,9 @@ class HierarchicalOptimizer(_LearnedOptimizer):
         rows = torch.cat([states[i]["coord"].to(cdt) for i in idx], 1)
         state = HierState(rows, torch.stack([tensor_prev[i] for i in idx]), glob, rows.new_zeros(0))
         lr = device_values([lrs[i] for i in idx], cdt, device)
-        new_params, new = step_reference(self.net, [params[i] for i in idx], grads, state, lr, stepped=ok)
+        ratio = device_values([ratios[i] for i in idx], cdt, device) if any(ratios) else None
+        new_params, new = step_reference(self.net, [params[i] for i in idx], grads, state, lr, stepped=ok,
+                                         max_update_ratio=ratio)
         new_rows = new.coord.split([params[i].numel() for i in idx], 1)
         for i, p, r in zip(idx, new_params, new_rows):
             params[i].copy_(p)

@@ -35,6 +35,15 @@ of the old state).
    straight through); log_lr ← m log_lr + (1 − m) ℓ with m = σ(learned logit);
 6. θ ← θ − lr · exp(ℓ + offset) · d̂ (``offset`` learned, −1 at init; ``lr`` a plain multiplier: the
    optimizer's ``lr``, 1 in meta-training);
+   **Update-ratio safeguard** (``max_update_ratio`` = τ; the optimizer's default 0.01, off in
+   meta-training unless the rule asks for it): when a tensor's update would exceed τ of the tensor's
+   own scale, rms(Δθ) > τ · max(rms(θ), 1e-2), the tensor's log learning rates — its step's ℓ and its
+   state's log_lr alike — are lowered by the same amount, log s = log(τ · max(rms(θ), 1e-2) /
+   rms(Δθ)) < 0, so that the update is exactly τ of the tensor (``update_ratio_log_scale``). The
+   network's proposal is then a *relative* step, whatever the tensor's fan-in and scale (VeLO
+   scales steps by the parameters' RMS; LARS/LAMB by a trust ratio); and since the state keeps the
+   lowered learning rate, the next steps start from what was actually taken instead of growing
+   past the bound unseen. Small problems at ordinary learning rates seldom reach the bound;
 7. the tensor GRU and the global GRU advance (their new states bias the next step).
 
 Attention (the Nesterov-like look-ahead of the original, ``attention=True``): the gradient is taken at
@@ -56,11 +65,13 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["HierarchicalNet", "HierState", "HierarchicalRule", "Rows", "step_reference", "coord_step_reference",
-           "initial_state", "fused_step_", "segment_mean", "MAX_LOG_LR", "GRAD_MAX", "INIT_LOG_LR_RANGE"]
+           "initial_state", "fused_step_", "apply_update_", "segment_mean", "update_ratio_log_scale", "MAX_LOG_LR", "GRAD_MAX",
+           "INIT_LOG_LR_RANGE", "DEFAULT_MAX_UPDATE_RATIO", "UPDATE_RMS_FLOOR"]
 
 # Per-tensor sums returned by the fused op learnedopt::hier_step_ (csrc/hier_math.h): sum of h' (H),
 # of the features (F), of d², of the new log-lr, then a "stepped" flag (for H = 10, S = 4).
 K_D2, K_LOG_LR, K_STEPPED = 22, 23, 24
+K = K_STEPPED + 1  # the op's columns
 MAX_LOG_LR = 33.0  # log learning rates are clipped to [-33, 33]
 MS_EPS = 1e-12  # added to a_s² in the mean squares
 RMS_EPS = 1e-16  # inside the square roots and logs of the mean squares and of the direction's RMS
@@ -68,6 +79,11 @@ RMS_EPS = 1e-16  # inside the square roots and logs of the mean squares and of t
 # <= 1e18 and (mean) squares <= 1e36, finite in float32 and bfloat16 for any finite gradient. The cell's
 # inputs are scale-free, so this is what exact arithmetic gives for a gradient above 1e18.
 GRAD_MAX = 1e18
+# The update-ratio safeguard (see update_ratio_log_scale): a tensor's update RMS is held to at most
+# max_update_ratio × max(RMS of the tensor, UPDATE_RMS_FLOOR); the floor lets zero-initialised tensors
+# (biases) move. DEFAULT_MAX_UPDATE_RATIO is the optimizer's default (1 % of the tensor per step).
+DEFAULT_MAX_UPDATE_RATIO = 0.01
+UPDATE_RMS_FLOOR = 1e-2
 # The original code's initial log learning rate: per coordinate U(ln 1e-6 / 2, ln 1e-2 / 2) plus one
 # per-tensor offset from the same range (so within [ln 1e-6, ln 1e-2]).
 DEFAULT_INIT_LR_RANGE = (1e-6, 1e-2)
@@ -122,12 +138,16 @@ def device_values(values: Sequence[float], dtype: torch.dtype, device: torch.dev
     return torch.stack([torch.full((), v, dtype=dtype, device=device) for v in values])
 
 
+def segment_sum(x: Tensor, seg: Tensor, T: int) -> Tensor:
+    """Sum over each of the ``T`` segments of the columns of ``x`` [K, N] (``seg`` [N]: segment of each
+    column): returns [T, K]. Differentiable."""
+    return torch.zeros(T, x.shape[0], dtype=x.dtype, device=x.device).index_add(0, seg, x.t())
+
+
 def segment_mean(x: Tensor, seg: Tensor, counts: Tensor) -> Tensor:
     """Mean over each segment of the columns of ``x`` [K, N] (``seg`` [N]: segment of each column,
     ``counts`` [T]): returns [T, K]. Differentiable."""
-    T = counts.shape[0]
-    sums = torch.zeros(T, x.shape[0], dtype=x.dtype, device=x.device).index_add(0, seg, x.t())
-    return sums / counts.to(x.dtype)[:, None]
+    return segment_sum(x, seg, counts.shape[0]) / counts.to(x.dtype)[:, None]
 
 
 def bias_gru(x: Tensor, h: Tensor, w_ru: Tensor, b_ru: Tensor, w_c: Tensor, b_c: Tensor,
@@ -308,6 +328,25 @@ class HierarchicalNet(nn.Module):
         return rows
 
 
+def update_ratio_log_scale(u2: Tensor, d2: Tensor, theta2: Tensor, numels: Tensor, lr: Tensor,
+                           max_ratio: Tensor) -> Tensor:
+    """The update-ratio safeguard (module docstring, item 6): per tensor, log s ≤ 0, the amount by which
+    its log learning rates are lowered so that its update's RMS, lr · rms(u) / rms(d), is at most
+    ``max_ratio`` · max(rms(θ), ``UPDATE_RMS_FLOOR``); 0 where it is within that bound, where ``lr`` is 0
+    and where ``max_ratio`` is 0 (the safeguard off). All arguments are [T] (per-tensor sums of u², d²
+    and θ² over the tensor's coordinates, its size, its lr multiplier and its bound), in one dtype.
+    Differentiable (the meta-training rule's step). The fused path (``fused_step_``) and the reference
+    (``step_reference``) both compute it here."""
+    n = numels.clamp_min(1)
+    step_rms = lr * torch.sqrt(u2 / n) / torch.sqrt(d2 / n + RMS_EPS)
+    allowed = max_ratio * torch.sqrt(theta2 / n).clamp_min(UPDATE_RMS_FLOOR)
+    over = (max_ratio > 0) & (step_rms > allowed)
+    one = torch.ones((), dtype=step_rms.dtype, device=step_rms.device)
+    # where() on the inputs, so that neither branch is inf/NaN (nor its gradient) where it is not taken
+    return torch.where(over, torch.log(torch.where(over, allowed, one) / torch.where(over, step_rms, one)),
+                       torch.zeros((), dtype=step_rms.dtype, device=step_rms.device))
+
+
 def coord_step_reference(net: HierarchicalNet, g: Tensor, rows: Tensor, coord_bias: Tensor,
                          mean_log_lr: Tensor) -> "CoordOut":
     """The per-coordinate part of a step (items 1–5 of the module docstring, before the RMS
@@ -361,14 +400,16 @@ class CoordOut(NamedTuple):
 
 
 def step_reference(net: HierarchicalNet, params: Sequence[Tensor], grads: Sequence[Tensor], state: HierState,
-                   lr: Tensor | float = 1.0, stepped: Tensor | None = None) -> tuple[list[Tensor], HierState]:
+                   lr: Tensor | float = 1.0, stepped: Tensor | None = None,
+                   max_update_ratio: Tensor | float | None = None) -> tuple[list[Tensor], HierState]:
     """One whole step of the hierarchical optimizer on a list of (nonempty) parameter tensors, in pure
     PyTorch (differentiable: the meta-training rule and the tests' oracle of the fused kernels).
 
     ``state.coord`` holds the rows of all tensors' coordinates, concatenated in order (``[ROWS, N]``);
     ``lr`` multiplies the step (a number, or a tensor [T] with one value per tensor). ``stepped`` [T]
     (bool, optional) marks the tensors that take this step; the others (and their rows, parameters and
-    tensor states) stay as they are. Returns ``(new_params, new_state)``."""
+    tensor states) stay as they are. ``max_update_ratio`` (a number or [T]; None or 0: off) is the
+    update-ratio safeguard of item 6. Returns ``(new_params, new_state)``."""
     R = net.rows
     sizes = [p.numel() for p in params]
     T, N = len(sizes), sum(sizes)
@@ -395,6 +436,16 @@ def step_reference(net: HierarchicalNet, params: Sequence[Tensor], grads: Sequen
     lr_t = lr_t.to(dt)
     flat = torch.cat([p.reshape(-1) for p in params]).to(dt)
     theta = state.theta if net.attention else flat
+    step_log_lr = out.step_log_lr
+    if max_update_ratio is not None:
+        ratio = torch.as_tensor(max_update_ratio, dtype=dt, device=dev).expand(T)
+        u = new_rows[R.u]
+        sq = segment_sum(torch.stack([u * u, d * d, theta * theta]), seg, T)  # [T, 3]
+        log_s = update_ratio_log_scale(sq[:, 0], sq[:, 1], sq[:, 2], counts.to(dt), lr_t, ratio)[seg]
+        # both log learning rates lowered by log s: the step's (u = exp(ℓ + offset) d) and the state's
+        scaled = torch.stack([new_rows[R.log_lr] + log_s, new_rows[R.u] * torch.exp(log_s)])
+        new_rows = torch.cat([new_rows[: R.log_lr], scaled, new_rows[R.u + 1:]])
+        step_log_lr = step_log_lr + log_s
     theta_new = theta - (lr_t / rms)[seg] * new_rows[R.u]
     # 7. tensor and global RNNs
     tin = segment_mean(torch.cat([out.h_new, out.features]), seg, counts)  # [T, H + F]
@@ -404,7 +455,7 @@ def step_reference(net: HierarchicalNet, params: Sequence[Tensor], grads: Sequen
         x = out.features[: R.S]
         d_att = net.w_att.to(dt) @ out.h_new + net.w_att_shortcut.to(dt) @ x
         rms_att = torch.sqrt(segment_mean((d_att * d_att)[None], seg, counts)[:, 0] + RMS_EPS)
-        visible = theta_new - (lr_t / rms_att)[seg] * torch.exp(out.step_log_lr + net.lr_offset) * d_att
+        visible = theta_new - (lr_t / rms_att)[seg] * torch.exp(step_log_lr + net.lr_offset) * d_att
     if stepped is not None:
         keep = stepped[seg]
         new_rows = torch.where(keep[None], new_rows, rows)
@@ -417,7 +468,8 @@ def step_reference(net: HierarchicalNet, params: Sequence[Tensor], grads: Sequen
 def fused_step_(net: HierarchicalNet, params: list[Tensor], grads: list[Tensor], coords: list[Tensor],
                 tensor_prev: Tensor, glob: Tensor, numels: Tensor, mean_log_lr: Tensor, packed: Tensor,
                 lrs: list[float], grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-                reduce: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None):
+                reduce: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+                max_update_ratios: list[float] | None = None):
     """One step through the fused in-place op ``learnedopt::hier_step_`` (parameters and per-tensor
     coordinate rows ``coords`` [ROWS, n_i] changed in place), then the tensor and global RNNs. ``packed``
     is ``net.packed_coord_weights()`` on the parameters' device, ``numels`` [T] the tensors' sizes and
@@ -426,25 +478,80 @@ def fused_step_(net: HierarchicalNet, params: list[Tensor], grads: list[Tensor],
     [T])`` (not written anywhere: the caller keeps them). Used by the optimizer and by meta-training's
     ES/PES estimators (:mod:`learnedopt.meta.estimators`).
 
-    ``reduce``: for tensors sharded across processes (FSDP2, :mod:`learnedopt.optim._sharding`), the op
-    steps the local shards with lr = 0 (their coordinates' state and partial sums; the parameters stay
-    as they are) and ``reduce(partial sums [T, K])`` returns the whole tensors' ``(sums in the dtype of
-    tensor_prev, stepped)``, having applied the update to the shards."""
+    ``max_update_ratios`` (one per tensor; None, or all 0: off): the update-ratio safeguard (module
+    docstring, item 6). ``reduce``: for tensors sharded across processes (FSDP2,
+    :mod:`learnedopt.optim._sharding`), ``reduce(partial [T, C])`` returns the whole tensors' ``(sums
+    [T, C] in the dtype of tensor_prev, stepped [T])`` from the local shards' (the op's K columns, its
+    stepped flag at ``K_STEPPED``, then the safeguard's sums of u² and θ² when it is on), by one
+    collective. With either, the op steps the coordinates with lr = 0 (their state and partial sums;
+    the parameters stay as they are) and the update follows here (:func:`apply_update_`), with the
+    whole tensors' sums."""
     from .. import ops
 
     ops._require(params[0].device, "hier_step_")
     cdt = tensor_prev.dtype
+    clip = max_update_ratios is not None and any(r > 0 for r in max_update_ratios)
     coord_bias = net.coord_bias(tensor_prev.float(), glob.float()).detach()
+    deferred = reduce is not None or clip
     sums = torch.ops.learnedopt.hier_step_(params, grads, coords, coord_bias.contiguous(), mean_log_lr.float(),
-                                           packed, lrs if reduce is None else [0.0] * len(lrs), grad_scale, found_inf)
-    if reduce is None:
+                                           packed, [0.0] * len(lrs) if deferred else lrs, grad_scale, found_inf)
+    if not deferred:
         sums = sums.to(cdt)
         stepped = sums[:, K_STEPPED] > 0
     else:
-        sums, stepped = reduce(sums)
+        R = net.rows
+        if clip:  # the safeguard's partial sums: u² (the op's new u rows) and θ² (θ untouched by lr 0)
+            u2 = _sq_norms([c[R.u] for c in coords], sums.dtype)
+            theta2 = _sq_norms(params, sums.dtype)
+            sums = torch.cat([sums, u2[:, None], theta2[:, None]], 1)
+        if reduce is None:
+            stepped = sums[:, K_STEPPED] > 0
+            sums = sums.to(cdt)
+        else:
+            sums, stepped = reduce(sums)
+        log_s = None
+        if clip:
+            log_s = update_ratio_log_scale(sums[:, K], sums[:, K_D2], sums[:, K + 1], numels,
+                                           device_values(lrs, cdt, numels.device),
+                                           device_values(max_update_ratios, cdt, numels.device))
+            log_s = torch.where(stepped, log_s, torch.zeros((), dtype=cdt, device=log_s.device))
+            sums = sums.clone()
+            sums[:, K_LOG_LR] += log_s * numels
+        apply_update_(params, coords, sums[:, K_D2], numels, lrs, stepped, R, log_s)
     tin = sums[:, :K_D2] / numels.clamp_min(1)[:, None]
     new_t, new_g = net.advance_rnns(tin, tensor_prev, glob, stepped)
     return stepped, new_t, new_g, sums[:, K_LOG_LR]
+
+
+def _sq_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """[T]: the sum of squares of each tensor (0 for an empty one), by one batched foreach norm."""
+    nonempty = [t for t in tensors if t.numel()]
+    norms = iter(torch._foreach_norm(nonempty, 2) if nonempty else [])
+    zero = torch.zeros((), dtype=dtype, device=tensors[0].device)
+    return torch.stack([next(norms).to(dtype) ** 2 if t.numel() else zero for t in tensors])
+
+
+def apply_update_(params: list[Tensor], coords: list[Tensor], d2: Tensor, numels: Tensor, lrs: list[float],
+                  stepped: Tensor, rows: Rows, log_s: Tensor | None = None) -> None:
+    """The update of the fused op's last pass, done after it (on whole tensors or on local shards), with
+    the whole tensors' sums of d²: p -= lr / sqrt(sum d² / numel + 1e-16) * u (u: the ``rows.u`` row of
+    ``coords[i]``), computed as the kernels do (the scale in float64, the update in the parameter's
+    compute type). With the update-ratio safeguard's ``log_s`` [T], first u *= exp(log s) and log_lr +=
+    log s on the tensor's coordinates. Tensors not ``stepped`` are left as they are."""
+    dev = d2.device
+    lr = device_values(lrs, torch.float64, dev)
+    scale = lr / torch.sqrt(d2.double() / numels.double().clamp_min(1) + RMS_EPS)
+    scale = torch.where(stepped, scale, torch.zeros((), dtype=scale.dtype, device=dev))
+    factors = None if log_s is None else torch.exp(log_s.double()).unbind(0)
+    for i, (p, c, sc) in enumerate(zip(params, coords, scale.unbind(0))):
+        if p.numel() == 0:
+            continue
+        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+        if factors is not None:
+            c[rows.u].copy_(c[rows.u].to(acc) * factors[i].to(acc))
+            c[rows.log_lr].copy_(c[rows.log_lr].to(acc) + log_s[i].to(acc))
+        u = c[rows.u].view(p.shape)
+        p.copy_(p.to(acc) - sc.to(acc) * u.to(acc))
 
 
 def initial_state(net: HierarchicalNet, params: Sequence[Tensor], log_lr: float = 0.0,
@@ -478,27 +585,36 @@ class HierarchicalRule(nn.Module):
     pure-PyTorch reference step. Zero-size tensors are passed through. ``init_state(params,
     generator)`` draws the original code's random initial learning rates when given a generator (as
     meta-training does; ``init_lr_range`` = (lo, hi): the range of the initial learning rates, the
-    original's (1e-6, 1e-2) by default) and uses ``init_log_lr`` otherwise (evaluation)."""
+    original's (1e-6, 1e-2) by default) and uses ``init_log_lr`` otherwise (evaluation).
+    ``max_update_ratio`` (0: off, the default, as the shipped weights were trained): the update-ratio
+    safeguard of the module docstring's item 6, in meta-training's steps."""
 
     kind = "hierarchical"
     random_init = True  # learnedopt.meta.start passes its generator to init_state
 
     def __init__(self, net: HierarchicalNet | None = None, init_log_lr: float = math.log(1e-3),
-                 init_lr_range: Sequence[float] = DEFAULT_INIT_LR_RANGE, **net_kwargs):
+                 init_lr_range: Sequence[float] = DEFAULT_INIT_LR_RANGE, max_update_ratio: float = 0.0,
+                 **net_kwargs):
         super().__init__()
         if net is not None and net_kwargs:
             raise TypeError("HierarchicalRule: pass either net or the HierarchicalNet keyword arguments, not both")
         lo, hi = (float(v) for v in init_lr_range)
         if not 0 < lo <= hi:
             raise ValueError(f"HierarchicalRule: init_lr_range must be (lo, hi) with 0 < lo <= hi, got {init_lr_range}")
+        if not (isinstance(max_update_ratio, (int, float)) and math.isfinite(max_update_ratio)
+                and max_update_ratio >= 0):
+            raise ValueError(f"HierarchicalRule: max_update_ratio must be a finite number >= 0, got {max_update_ratio!r}")
         self.net = net if net is not None else HierarchicalNet(**net_kwargs)
         self.init_log_lr = float(init_log_lr)
+        self.max_update_ratio = float(max_update_ratio)
         self.init_lr_range = (lo, hi)
 
     def config(self) -> dict[str, Any]:
         cfg = {**self.net.config(), "init_log_lr": self.init_log_lr}
         if self.init_lr_range != DEFAULT_INIT_LR_RANGE:
             cfg["init_lr_range"] = list(self.init_lr_range)
+        if self.max_update_ratio:
+            cfg["max_update_ratio"] = self.max_update_ratio
         return cfg
 
     def init_state(self, params: Sequence[Tensor], generator: torch.Generator | None = None) -> HierState:
@@ -507,7 +623,8 @@ class HierarchicalRule(nn.Module):
 
     def forward(self, params: Sequence[Tensor], grads: Sequence[Tensor], state: HierState):
         idx = [i for i, p in enumerate(params) if p.numel()]
-        new, state = step_reference(self.net, [params[i] for i in idx], [grads[i] for i in idx], state)
+        new, state = step_reference(self.net, [params[i] for i in idx], [grads[i] for i in idx], state,
+                                    max_update_ratio=self.max_update_ratio or None)
         out = list(params)
         for i, p in zip(idx, new):
             out[i] = p
