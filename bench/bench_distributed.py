@@ -4,8 +4,8 @@
 Two parts:
 
 * ``step``: one ``HierarchicalOptimizer.step()`` on an MLP (``--widths``), unsharded in 1 process vs
-  FSDP2 (``fully_shard``) on 2 processes (each steps its half and takes part in the one all-reduce of
-  the per-tensor sums). Per row: the median step time over ``--repeat`` steps after ``--warmup``, the
+  FSDP2 (``fully_shard``) on 2 processes (each steps its half and takes part in the two all-reduces:
+  the per-tensor non-finite flags before the kernel, the per-tensor sums after it). Per row: the median step time over ``--repeat`` steps after ``--warmup``, the
   time inside ``torch.distributed.all_reduce`` (timed around the call) and its share of the step. Each
   process runs ``--threads`` threads.
 * ``meta``: meta-training throughput (trajectories per second of training, start-up excluded: the sum

@@ -21,7 +21,10 @@ def entry(fn_name: str, rank: int, world: int, store: str, out: str, kwargs: dic
     """The process body: join the group, run worker ``fn_name``, save its result (or the traceback)."""
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        backend = kwargs.pop("backend", "gloo")
+        if "nccl" in backend:
+            torch.cuda.set_device(rank)  # nccl: one GPU per rank
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
         result = globals()[fn_name](rank, world, **kwargs)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
         dist.barrier()
@@ -46,6 +49,15 @@ def batch(seed: int, n: int = 12):
 def make_opt(kind: str, params, **kw):
     cls, defaults = KINDS[kind]
     return cls(params, **{**defaults, **kw})
+
+
+def make_mesh(world: int, shape=None, device: str = "cpu"):
+    """A 1-D mesh of all ranks, or with ``shape`` = (replicas, shards) HSDP's 2-D one."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if shape is None:
+        return init_device_mesh(device, (world,))
+    return init_device_mesh(device, tuple(shape), mesh_dim_names=("replicate", "shard"))
 
 
 def fsdp(model: nn.Module, mesh) -> nn.Module:
@@ -157,12 +169,11 @@ def fsdp_exact(rank, world, kind, steps, **opt_kw):
             "local_shapes": local_shapes}
 
 
-def fsdp_train(rank, world, kind, steps):
+def fsdp_train(rank, world, kind, steps, mesh_shape=None):
     """A plain FSDP2 training loop (each rank its part of the batch; FSDP averages the gradients)
-    against the unsharded model on the whole batch."""
-    from torch.distributed.device_mesh import init_device_mesh
+    against the unsharded model on the whole batch; ``mesh_shape`` (replicas, shards): HSDP."""
 
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = make_mesh(world, mesh_shape)
     model = mlp()
     ref = copy.deepcopy(model)
     fsdp(model, mesh)
@@ -180,7 +191,8 @@ def fsdp_train(rank, world, kind, steps):
         nn.functional.mse_loss(model(xs), ys).backward()
         opt.step()
     return {"params": [full(p) for p in model.parameters()], "ref_params": [q.detach().clone() for q in ref.parameters()],
-            "losses": losses}
+            "losses": losses, "state": state_tensors(opt),
+            "local_state": {k: v.to_local().clone() for k, v in _local_states(opt).items()}}
 
 
 def placements_refused(rank, world):
@@ -284,4 +296,117 @@ def fsdp_precision(rank, world, kind, steps):
             ropt.step()
         out[name] = {"init": init, "params": [full(p) for p in model.parameters()],
                      "ref_params": [q.detach().clone() for q in ref.parameters()]}
+    return out
+
+
+STATE_KEY = {"l2l": "lstm", "hier": "coord"}
+
+
+def fsdp_nonfinite(rank, world, kind, steps, bad_step, bad_param, bad_row, value, mesh_shape=None):
+    """fsdp_exact's setup with a non-finite ``value`` put into the whole gradient of parameter
+    ``bad_param`` at row ``bad_row`` at step ``bad_step``, so into ONE rank's shard of it; the unsharded
+    optimizer gets the same gradient. Returns what fsdp_exact returns, plus this rank's local shard of
+    that parameter and of its per-coordinate state just before and just after that step (sharded and
+    unsharded), and whether this rank's shard held the value."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    mesh = make_mesh(world, mesh_shape)
+    model = mlp()
+    ref = copy.deepcopy(model)
+    fsdp(model, mesh)
+    torch.manual_seed(1)
+    rep_ref = nn.Parameter(torch.randn(4, 3))
+    rep = nn.Parameter(distribute_tensor(rep_ref.detach().clone(), mesh, [Replicate()] * mesh.ndim))
+    opt = make_opt(kind, [*model.parameters(), rep])
+    ropt = make_opt(kind, [*ref.parameters(), rep_ref])
+    params, rparams = [*model.parameters(), rep], [*ref.parameters(), rep_ref]
+    key = STATE_KEY[kind]
+    calls, out = [], {}
+    for step in range(steps):
+        x, y = batch(step)
+        ropt.zero_grad()
+        (nn.functional.mse_loss(ref(x), y) + (rep_ref * x[:4, :3]).sum()).backward()
+        if step == bad_step:
+            rparams[bad_param].grad[bad_row] = float(value)
+        for p, q in zip(params, rparams):
+            p.grad = distribute_tensor(q.grad, mesh, p.placements)
+        if step == bad_step:
+            bp, rq = params[bad_param], rparams[bad_param]
+            out["holds_bad"] = bool((~torch.isfinite(bp.grad.to_local())).any())
+            before = [bp.to_local().clone(), opt.state[bp][key].to_local().clone() if opt.state else None,
+                      rq.detach().clone(), ropt.state[rq][key].clone() if ropt.state else None]
+            grad_before = [p.grad.to_local().clone() for p in params]
+        with CountAllReduce() as c:
+            opt.step()
+        calls.append(c.calls)
+        ropt.step()
+        if step == bad_step:
+            out["bad_before"] = before
+            # the gradients are the caller's again (NaN where they were NaN only)
+            out["grads_restored"] = all(torch.allclose(p.grad.to_local(), g, rtol=0, atol=0, equal_nan=True)
+                                        for p, g in zip(params, grad_before))
+            out["bad_after"] = [bp.to_local().clone(), opt.state[bp][key].to_local().clone(), rq.detach().clone(),
+                                ropt.state[rq][key].clone()]
+    out.update({"params": [full(p) for p in params], "ref_params": [q.detach().clone() for q in rparams],
+                "state": state_tensors(opt), "ref_state": state_tensors(ropt), "calls": calls,
+                "placements": [str(tuple(p.placements)) for p in model.parameters()],
+                "local_state": {k: v.to_local().clone() for k, v in _local_states(opt).items()}})
+    return out
+
+
+def _local_states(opt) -> dict:
+    """The DTensor entries of an optimizer's per-parameter state, by position (their local shards)."""
+    out = {}
+    for i, p in enumerate(q for g in opt.param_groups for q in g["params"]):
+        for k, v in opt.state.get(p, {}).items():
+            if hasattr(v, "to_local"):
+                out[f"{i}.{k}"] = v
+    return out
+
+
+# -- CPU offload (needs 2 GPUs) ---------------------------------------------------------------------
+def fsdp_offload(rank, world, steps):
+    """fully_shard with CPUOffloadPolicy on a CUDA mesh (nccl): the module runs on the GPU, the shards,
+    their gradients and the optimizer state live on the CPU and the step runs there. Each optimizer
+    (the learned ones and torch.optim.Adam) trains the sharded model, each rank on its part of the
+    batch (the same batch every step), and an unsharded copy on the CPU on the whole batch. Returns, per
+    optimizer, the local shards (the parent concatenates them), the unsharded parameters, where shards
+    and state live, and the whole-batch loss of the sharded model before and after."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda", torch.cuda.current_device())
+    mesh = init_device_mesh("cuda", (world,))
+    out = {}
+    for name in (*KINDS, "adam"):
+        model = mlp()
+        ref = copy.deepcopy(model)
+        for m in model:
+            if isinstance(m, nn.Linear):
+                fully_shard(m, mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=False))
+        fully_shard(model, mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=False))
+        make = (lambda ps: torch.optim.Adam(ps, lr=1e-2)) if name == "adam" else (lambda ps: make_opt(name, ps))
+        opt, ropt = make(model.parameters()), make(ref.parameters())
+        x, y = batch(0, n=6 * world)  # one batch, every step: the loss on it falls
+        with torch.no_grad():
+            loss0 = nn.functional.mse_loss(model(x.to(dev)), y.to(dev)).item()
+        for step in range(steps):
+            opt.zero_grad()
+            xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+            nn.functional.mse_loss(model(xs.to(dev)), ys.to(dev)).backward()
+            opt.step()
+            ropt.zero_grad()
+            nn.functional.mse_loss(ref(x), y).backward()
+            ropt.step()
+        with torch.no_grad():
+            loss1 = nn.functional.mse_loss(model(x.to(dev)), y.to(dev)).item()
+        params = list(model.parameters())
+        state = [v for p in params for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        out[name] = {"local_params": [p.to_local().detach().clone() for p in params],
+                     "ref_params": [q.detach().clone() for q in ref.parameters()],
+                     "devices": sorted({t.to_local().device.type if hasattr(t, "to_local") else t.device.type
+                                        for t in [*params, *state]}),
+                     "losses": (loss0, loss1)}
     return out

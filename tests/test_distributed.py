@@ -96,6 +96,9 @@ def _close_states(state, ref, **tol):
 
 
 STEPS = 5
+# a NaN (2 ranks) / an inf (3 ranks) in the gradient of the first weight [13, 7], row 12: the last rank's shard
+NONFINITE = dict(steps=4, bad_step=1, bad_param=0, bad_row=12)
+CALLS = {"l2l": 1, "hier": 2}  # all-reduces per sharded step (see _sharding.nonfinite_flags)
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +115,11 @@ def fsdp_runs(tmp_path_factory):
         ("ratio", "fsdp_exact", dict(kind="hier", steps=4, lr=1.0, max_update_ratio=0.003)),
         ("train", "each_kind", dict(fn="fsdp_train", steps=4)),
         ("refused", "placements_refused", {}),
-        ("precision", "each_kind", dict(fn="fsdp_precision", steps=3))])
-    three = run_ranks(base, "several", 3, runs=[("exact", "each_kind", dict(fn="fsdp_exact", steps=STEPS))])
+        ("precision", "each_kind", dict(fn="fsdp_precision", steps=3)),
+        ("nonfinite", "each_kind", dict(fn="fsdp_nonfinite", **NONFINITE, value="nan"))])
+    three = run_ranks(base, "several", 3, runs=[
+        ("exact", "each_kind", dict(fn="fsdp_exact", steps=STEPS)),
+        ("nonfinite", "each_kind", dict(fn="fsdp_nonfinite", **NONFINITE, value="inf"))])
     return {2: two, 3: three}
 
 
@@ -122,7 +128,8 @@ def fsdp_runs(tmp_path_factory):
 def test_fsdp2_equals_unsharded(fsdp_runs, kind, world):
     """Sharded (uneven shards; on 3 ranks one empty) and unsharded optimizers given the same gradients
     agree to float tolerance (L2L, coordinatewise: bitwise); the hierarchical one reduces its
-    per-tensor sums with ONE all-reduce per step; its global state is bitwise the same on every rank."""
+    per-tensor sums with one all-reduce per step (and both the per-tensor "non-finite gradient" flags with
+    one more, before the kernel); its global state is bitwise the same on every rank."""
     steps = STEPS
     res = [r["exact"][kind] for r in fsdp_runs[world]]
     shapes = [r["local_shapes"] for r in res]
@@ -136,20 +143,54 @@ def test_fsdp2_equals_unsharded(fsdp_runs, kind, world):
             for p, q in zip(r["params"], r["ref_params"]):
                 torch.testing.assert_close(p, q, atol=2e-6, rtol=2e-5)
             _close_states(r["state"], r["ref_state"], atol=2e-5, rtol=2e-5)
-        assert r["calls"] == ([0] * steps if kind == "l2l" else [1] * steps)
+        assert r["calls"] == [CALLS[kind]] * steps
     for r in res[1:]:
         assert _equal(r["state"], res[0]["state"])  # the gathered state, the global RNN's included
 
 
+def _check_against_unsharded(res, kind):
+    for r in res:
+        if kind == "l2l":
+            assert _equal(r["params"], r["ref_params"])
+            _close_states(r["state"], r["ref_state"], atol=0, rtol=0)
+        else:
+            for p, q in zip(r["params"], r["ref_params"]):
+                torch.testing.assert_close(p, q, atol=2e-6, rtol=2e-5)
+            _close_states(r["state"], r["ref_state"], atol=2e-5, rtol=2e-5)
+    for r in res[1:]:
+        assert _equal(r["state"], res[0]["state"])  # the gathered state, the global RNN's included
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fsdp2_nonfinite_gradient_in_one_shard(fsdp_runs, kind, world):
+    """A NaN (2 ranks) or an inf (3 ranks) in ONE rank's shard of one gradient: as unsharded, that whole
+    tensor is skipped on every rank: its parameter shards and per-coordinate state are bitwise unchanged
+    on every rank (also on those whose shard is finite); the other tensors, the global RNN and the later
+    steps follow the unsharded optimizer given the same gradient."""
+    res = [r["nonfinite"][kind] for r in fsdp_runs[world]]
+    assert [r["holds_bad"] for r in res] == [False] * (world - 1) + [True]
+    for r in res:
+        p0, s0, rp0, rs0 = r["bad_before"]
+        p1, s1, rp1, rs1 = r["bad_after"]
+        assert torch.equal(p0, p1) and torch.equal(s0, s1), f"rank {res.index(r)} stepped its shard"
+        assert torch.equal(rp0, rp1) and torch.equal(rs0, rs1)  # what the unsharded optimizer does
+        assert r["grads_restored"]
+        assert not torch.equal(r["params"][0], rp0)  # ... and the steps after it moved the tensor again
+        assert r["calls"] == [CALLS[kind]] * NONFINITE["steps"]
+    _check_against_unsharded(res, kind)
+
+
 def test_fsdp2_hierarchical_update_ratio_safeguard(fsdp_runs):
     """With the update-ratio safeguard binding (lr 1, tau 0.003), sharded = unsharded to float
-    tolerance, the global state bitwise the same on every rank and still one all-reduce per step."""
+    tolerance, the global state bitwise the same on every rank and still the same all-reduces per step
+    (its sums ride the sums' one)."""
     res = [r["ratio"] for r in fsdp_runs[2]]
     for r in res:
         for p, q in zip(r["params"], r["ref_params"]):
             torch.testing.assert_close(p, q, atol=2e-6, rtol=2e-5)
         _close_states(r["state"], r["ref_state"], atol=2e-5, rtol=2e-5)
-        assert r["calls"] == [1] * 4
+        assert r["calls"] == [CALLS["hier"]] * 4
     assert _equal(res[0]["state"], res[1]["state"])
 
 
@@ -196,6 +237,87 @@ def test_unsupported_placements_refused(fsdp_runs):
         assert res[0][kind + "_unchanged"]
 
 
+# -- HSDP: a 2-D mesh (replicas, shards) -------------------------------------------------------------
+HSDP = dict(mesh_shape=(2, 2))
+
+
+@pytest.fixture(scope="module")
+def hsdp_runs(tmp_path_factory):
+    """4 processes, mesh (2, 2): fully_shard gives (Replicate(), Shard(0)); ranks 0, 2 and 1, 3 are replicas
+    of the same shard. The model is tiny (2 cores for 4 processes)."""
+    return run_ranks(tmp_path_factory.mktemp("hsdp"), "several", 4, runs=[
+        ("exact", "each_kind", dict(fn="fsdp_nonfinite", steps=STEPS, bad_step=None, bad_param=0, bad_row=0,
+                                    value="nan", **HSDP)),
+        ("nonfinite", "each_kind", dict(fn="fsdp_nonfinite", **NONFINITE, value="nan", **HSDP)),
+        ("train", "each_kind", dict(fn="fsdp_train", steps=3, **HSDP))])
+
+
+REPLICAS = ((0, 2), (1, 3))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_hsdp_equals_unsharded(hsdp_runs, kind):
+    """HSDP (placements (Replicate(), Shard(0))): the same gradients give what the unsharded optimizer
+    computes (L2L bitwise, the hierarchical one to float tolerance), the same all-reduces per step (on
+    the shard dimension's group), and bitwise the same state on the replicas of a shard."""
+    res = [r["exact"][kind] for r in hsdp_runs]
+    assert all(pl == "(Replicate(), Shard(dim=0))" for pl in res[0]["placements"]), res[0]["placements"]
+    _check_against_unsharded(res, kind)
+    for r in res:
+        assert r["calls"] == [CALLS[kind]] * STEPS
+        assert _equal(r["params"], res[0]["params"])
+    for a, b in REPLICAS:
+        assert _equal(res[a]["local_state"], res[b]["local_state"])
+    assert not _equal(res[0]["local_state"], res[1]["local_state"])  # different shards
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_hsdp_nonfinite_gradient_in_one_shard(hsdp_runs, kind):
+    res = [r["nonfinite"][kind] for r in hsdp_runs]
+    assert [r["holds_bad"] for r in res] == [False, True, False, True]  # row 12: the second shard (both replicas)
+    for r in res:
+        p0, s0, _, _ = r["bad_before"]
+        p1, s1, _, _ = r["bad_after"]
+        assert torch.equal(p0, p1) and torch.equal(s0, s1) and r["grads_restored"]
+    _check_against_unsharded(res, kind)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_hsdp_training_loop(hsdp_runs, kind):
+    """fully_shard's own HSDP loop (each rank a quarter of the batch; gradients reduce-scattered on the
+    shard dimension, all-reduced across the replicas) follows the unsharded model on the whole batch;
+    the replicas' state is bitwise the same."""
+    res = [r["train"][kind] for r in hsdp_runs]
+    for r in res:
+        for p, q in zip(r["params"], r["ref_params"]):
+            torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)
+        assert _equal(r["state"], res[0]["state"])
+    for a, b in REPLICAS:
+        assert _equal(res[a]["local_state"], res[b]["local_state"])
+    assert res[0]["losses"][-1] < res[0]["losses"][0]
+
+
+# -- CPU offload -------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
+                    reason="FSDP2's CPUOffloadPolicy runs the module on CUDA (even torch.optim.Adam fails without a "
+                           "GPU) and nccl needs one GPU per rank: 2 GPUs")
+def test_fsdp2_cpu_offload(tmp_path):
+    """fully_shard(..., offload_policy=CPUOffloadPolicy()) on 2 GPUs (nccl only: the optimizers' few
+    numbers reach the group through the GPU): both learned optimizers train as torch.optim.Adam does:
+    shards and state on the CPU, finite, the loss falls, and the sharded model follows the unsharded
+    one stepped on the CPU with the whole batch (another device and summation order: float tolerance)."""
+    res = run_ranks(tmp_path, "fsdp_offload", 2, backend="nccl", steps=4)
+    for name in (*KINDS, "adam"):
+        r0, r1 = res[0][name], res[1][name]
+        assert r0["devices"] == ["cpu"] and r1["devices"] == ["cpu"], (name, r0["devices"])
+        whole = [torch.cat([a, b]) for a, b in zip(r0["local_params"], r1["local_params"])]
+        for p, q in zip(whole, r0["ref_params"]):
+            assert torch.isfinite(p).all()
+            torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+        assert r0["losses"] == r1["losses"] and r0["losses"][1] < r0["losses"][0], (name, r0["losses"])
+
+
 # -- distributed checkpoints ---------------------------------------------------------------------
 def test_dcp_reshard_2_to_3_and_1(tmp_path):
     """Saved on 2 ranks, loaded on 3 and on 1: the continued trajectory is the one without the reload."""
@@ -210,3 +332,55 @@ def test_dcp_reshard_2_to_3_and_1(tmp_path):
             for p, q in zip(r["params"], saved_k["params"]):
                 torch.testing.assert_close(p, q, **tol)
             _close_states(r["state"], saved_k["state"], **tol)
+
+
+# -- the non-finite flags agree with the kernels ------------------------------------------------------
+def _nonfinite_cases():
+    big = 3e38  # finite; over float32's range once divided by a grad_scale of 0.5
+    gs = [torch.tensor([1.0, float("nan"), 2.0]), torch.tensor([[1.0, float("-inf")]]), torch.tensor([big, -big]),
+          torch.randn(5, 3), torch.tensor([1.0, float("nan")], dtype=torch.bfloat16), torch.tensor(float("inf")),
+          torch.tensor(0.5), torch.tensor([60000.0], dtype=torch.float16), torch.tensor([1e300, 2.0], dtype=torch.float64)]
+    return gs
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("grad_scale", [None, 0.5, 2.0])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("how", ["sums", "norms"])
+def test_nonfinite_flags_are_the_kernels_skips(kind, grad_scale, weight_decay, how, monkeypatch):
+    """_sharding.nonfinite_flags (the sharded step's per-tensor test, made before the kernel) flags
+    exactly the tensors the unsharded fused kernel skips: NaN, inf, a finite gradient that overflows
+    once unscaled, bf16 / fp16 / float64, 0-d; for L2L also an inf parameter and weight decay. Both
+    ways: the CPU's (sums) and the GPU's (norms, no host synchronisation), here on CPU tensors."""
+    from learnedopt.optim import _sharding
+
+    if how == "norms":
+        monkeypatch.setattr(_sharding, "_flags_by_sums", _sharding._flags_by_norms)
+
+    if kind == "hier" and weight_decay:
+        pytest.skip("the hierarchical optimizer has no weight decay")
+    torch.manual_seed(0)
+    grads = _nonfinite_cases()
+    params = [torch.nn.Parameter(torch.randn(g.shape).to(g.dtype)) for g in grads]
+    if kind == "l2l":  # an inf parameter with a finite gradient: 0 * inf is NaN, the kernel skips it
+        params.append(torch.nn.Parameter(torch.tensor([1.0, float("inf")])))
+        grads.append(torch.tensor([0.1, 0.2]))
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    scale = None if grad_scale is None else torch.tensor(grad_scale)
+    flags = _sharding.nonfinite_flags(grads, scale, None, params=params if kind == "l2l" else None,
+                                      weight_decays=[weight_decay] * len(grads) if kind == "l2l" else None)
+    kw = dict(weight_decay=weight_decay) if kind == "l2l" else {}
+    # one tensor per optimizer: the hierarchical optimizer steps the ones left even if one is skipped
+    skipped = []
+    for p in params:
+        before = p.detach().clone()
+        opt = make_opt(kind, [p], **kw)
+        if scale is not None:
+            opt.grad_scale, opt.found_inf = scale, torch.tensor(0.0)
+        opt.step()
+        state = next(iter(opt.state[p].values()))
+        skipped.append(bool(torch.equal(p.detach(), before) and not state.ne(0).any()) if kind == "l2l"
+                       else bool(torch.equal(p.detach(), before)))
+    assert flags.tolist() == [float(s) for s in skipped]
+    assert any(skipped) and not all(skipped)

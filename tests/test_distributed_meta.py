@@ -37,23 +37,51 @@ def _config(**kw) -> dict:
     return base
 
 
-def _torchrun(nproc: int, cfg: dict, out: Path, *extra: str) -> subprocess.Popen:
+def _torchrun(nproc: int, cfg: dict, out: Path, *extra: str, console: Path | None = None) -> subprocess.Popen:
+    """torchrun ... -m learnedopt meta-train; with ``console`` (a folder holding the ``learnedopt``
+    command, see _console_command) torchrun --no-python learnedopt meta-train, as README shows."""
     path = out.parent / f"{out.name}.json"
     path.write_text(json.dumps(cfg))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "LEARNEDOPT_PROGRESS": "0"}
+    program = ["-m", "learnedopt"]
+    if console is not None:
+        env["PATH"] = os.pathsep.join([str(console), env.get("PATH", "")])
+        program = ["--no-python", "learnedopt"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *extra,
-           "-m", "learnedopt", "meta-train", "--config", str(path), "--out", str(out)]
+           *program, "meta-train", "--config", str(path), "--out", str(out)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(proc: subprocess.Popen) -> str:
+def _console_command(folder: Path) -> Path:
+    """The ``learnedopt`` console command as pip installs it from pyproject.toml's entry point
+    ([project.scripts]: a script that imports the entry point's function and exits with its result),
+    written into ``folder`` for this checkout (an installed one may belong to another checkout)."""
+    text = (Path(ROOT) / "pyproject.toml").read_text()
     try:
-        text, _ = proc.communicate(timeout=TIMEOUT)
+        import tomllib
+    except ImportError:  # Python 3.10: the [project.scripts] line itself
+        import re
+
+        spec = re.search(r'^\[project\.scripts\][^\[]*?^learnedopt\s*=\s*"([^"]+)"', text, re.M | re.S).group(1)
+    else:
+        spec = tomllib.loads(text)["project"]["scripts"]["learnedopt"]
+    module, func = spec.split(":")
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "learnedopt"
+    script.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import {func}\n"
+                      f"if __name__ == '__main__':\n    sys.exit({func}())\n")
+    script.chmod(0o755)
+    return folder
+
+
+def _finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> str:
+    try:
+        text, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         text, _ = proc.communicate()
-        pytest.fail(f"torchrun still running after {TIMEOUT} s (killed):\n{text[-12000:]}")
+        pytest.fail(f"torchrun still running after {timeout} s (killed):\n{text[-12000:]}")
     assert proc.returncode == 0, text[-12000:]
     return text
 
@@ -85,6 +113,24 @@ def test_two_ranks_equal_one_process_with_twice_the_trajectories(two_ranks, tmp_
     assert [r["epoch"] for r in log] == list(range(1, 7)) and "eval_final_loss" in log[2]
     assert (two_ranks / "checkpoint.pt").is_file() and (two_ranks / "best.pt").is_file()
     assert torch.load(two_ranks / "checkpoint.pt", weights_only=True)["world"] == 2
+
+
+def _records(out: Path) -> list[dict]:
+    """The log without its timings."""
+    return [{k: v for k, v in r.items() if "time" not in k} for r in _log(out)]
+
+
+def test_console_command_equals_python_m(two_ranks, tmp_path):
+    """README's second recipe: torchrun --no-python learnedopt meta-train (the console command of
+    pyproject.toml's entry point) on 2 ranks gives bitwise the run of torchrun -m learnedopt."""
+    out = tmp_path / "console"
+    t0 = time.monotonic()
+    _finish(_torchrun(2, _config(), out, console=_console_command(tmp_path / "bin")), timeout=60)
+    assert time.monotonic() - t0 < 60
+    a, b = state_dict_of(out / "final.pt"), state_dict_of(two_ranks / "final.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _records(out) == _records(two_ranks)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["world"] == 2
 
 
 def _children(pid: int) -> list[int]:

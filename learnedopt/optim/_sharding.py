@@ -10,16 +10,23 @@ shape is the parameter's shape with the state's rows in front (``[rows, *p.shape
 ``Shard(0)`` becoming ``Shard(1)``) or its columns behind (``[*p.shape, width]``, ``Shard(0)``), so that
 ``torch.distributed.checkpoint`` saves, loads and reshards it as it does torch.optim's state. Its local
 tensor, viewed as ``[rows, n]`` or ``[n, width]`` (n: the local shard's size), is what the kernels take.
+
+Collectives per sharded step, on the process group of the shards' mesh dimension, each for all tensors
+at once: L2L one (the per-tensor non-finite flags, :func:`agree_nonfinite`, before the kernel), the
+hierarchical optimizer two (those flags, then the per-tensor sums after the kernel,
+:func:`reduce_hier_sums`). Why the flags need their own: see "a non-finite gradient in one shard" below.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["is_dtensor", "local", "param_name", "ShardSpec", "shard_spec", "state_like", "local_view", "reduction_group"]
+__all__ = ["is_dtensor", "local", "param_name", "ShardSpec", "shard_spec", "state_like", "local_view", "reduction_group",
+           "nonfinite_flags", "agree_nonfinite", "skipping"]
 
 
 def is_dtensor(t) -> bool:
@@ -138,15 +145,168 @@ def reduction_group(owner: str, specs: list[ShardSpec | None]):
     return first.mesh.get_group(first.shard_dim)
 
 
+# -- a non-finite gradient in one shard -------------------------------------------------------------
+# Unsharded, a tensor whose gradient holds a NaN or an inf is skipped whole: neither it nor its
+# per-coordinate state changes (the fused kernels' first pass). Sharded, each rank sees its shard only,
+# and the kernels write the state of a finite shard in place; so which tensors are non-finite anywhere
+# must be known BEFORE the kernel: every rank flags its shards (nonfinite_flags), one all-reduce (MAX)
+# of those [T] flags (agree_nonfinite) tells every rank, and the kernel then skips the flagged tensors
+# on every rank (skipping). This is a collective of its own: the hierarchical optimizer's sums can only
+# be reduced after the kernel, and undoing a step after it would need a copy of the whole
+# per-coordinate state every step (its size again in memory, about twice the step's memory traffic).
+
+
+def nonfinite_flags(grads: list[Tensor], grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+                    params: list[Tensor] | None = None, weight_decays: list[float] | None = None) -> Tensor:
+    """[T] float32 on the gradients' device: 1 where the local gradient ``grads[i]`` holds a value the
+    fused kernels judge non-finite, else 0; all 1 where ``found_inf`` is nonzero (the kernels then skip
+    every tensor). The kernels' test: g / grad_scale (the hierarchical op); with ``params`` (L2L),
+    g / grad_scale + weight_decay * p. On the CPU: a sum per tensor (finite: every element is), the
+    kernels' formula elementwise only where it is not (or where g / grad_scale may overflow); on a GPU
+    (no host synchronisation): two batched ``torch._foreach_norm`` (the largest |g| decides whether
+    g / grad_scale overflows, the sum of |g| whether a NaN is there)."""
+    dev = grads[0].device
+    inv = None if grad_scale is None else 1.0 / grad_scale.to(device=dev, dtype=torch.float64)
+    wd = weight_decays or [0.0] * len(grads)
+    flags = (_flags_by_sums if dev.type == "cpu" else _flags_by_norms)(grads, inv, params, wd)
+    if found_inf is not None:
+        flags = flags | (found_inf.to(dev) != 0)
+    return flags.to(torch.float32)
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    """The kernels' compute type for a tensor of this dtype."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _nonfinite_exact(g: Tensor, inv: Tensor | None, p: Tensor | None, wd: float) -> Tensor:
+    """The kernels' test, elementwise: is some g / grad_scale (+ wd * p) not finite? (0-dim bool)"""
+    a = _acc(g)
+    v = g.to(a) if inv is None else g.to(a) * inv.to(a)
+    if p is not None:
+        v = v + wd * p.to(a)
+    return ~torch.isfinite(v).all()
+
+
+def _flags_by_sums(grads, inv, params, wd) -> Tensor:
+    # A finite sum means finite elements (an inf or a NaN never sums to a finite value); g / grad_scale
+    # cannot overflow for a finite g when grad_scale >= 1, nor g + 0 * p for a finite p.
+    dev = grads[0].device
+    may_overflow = inv is not None and float(inv) > 1.0
+    bad = []
+    for i, g in enumerate(grads):
+        p = None if params is None else params[i]
+        if g.numel() == 0:
+            bad.append(torch.zeros((), dtype=torch.bool, device=dev))
+            continue
+        quick = wd[i] == 0.0 and not may_overflow and bool(torch.isfinite(g.sum())) and (
+            p is None or bool(torch.isfinite(p.sum())))
+        bad.append(torch.zeros((), dtype=torch.bool, device=dev) if quick else _nonfinite_exact(g, inv, p, wd[i]))
+    return torch.stack(bad)
+
+
+def _flags_by_norms(grads, inv, params, wd) -> Tensor:
+    dev = grads[0].device
+    no = torch.zeros((), dtype=torch.bool, device=dev)
+    bad = [no] * len(grads)
+    # weight decay 0: the largest |g| and the sum of |g| (of p too: 0 * p is NaN for an inf p)
+    idx = [i for i, g in enumerate(grads) if g.numel() > 0 and wd[i] == 0.0]
+    if idx:
+        ts = [grads[i] for i in idx]
+        if params is not None:
+            ts += [params[i] for i in idx]
+        big = torch._foreach_norm(ts, float("inf"), dtype=torch.float64)
+        tot = torch._foreach_norm(ts, 1, dtype=torch.float64)
+        n = len(idx)
+        for j, i in enumerate(idx):
+            a = _acc(grads[i])
+            g_big = big[j] if inv is None else big[j].to(a) * inv.to(a)
+            b = torch.isnan(tot[j]) | ~torch.isfinite(g_big)
+            if params is not None:
+                b = b | torch.isnan(tot[n + j]) | torch.isinf(big[n + j])
+            bad[i] = b
+    for i, g in enumerate(grads):  # a weight decay: the kernels' formula, elementwise
+        if g.numel() > 0 and wd[i] != 0.0:
+            bad[i] = _nonfinite_exact(g, inv, params[i], wd[i])
+    return torch.stack(bad)
+
+
+def _reaches_cpu(group) -> bool:
+    """Whether ``group`` has a backend for CPU tensors (gloo; "cpu:gloo,cuda:nccl"); an NCCL-only group
+    has none."""
+    try:
+        group._get_backend(torch.device("cpu"))
+        return True
+    except RuntimeError:
+        return False
+    except AttributeError:  # another torch: assume it can
+        return True
+
+
+def all_reduce(t: Tensor, group, op=None) -> None:
+    """``dist.all_reduce(t)`` in place over ``group``. The optimizers' few numbers are on the parameters'
+    device; under FSDP2's ``CPUOffloadPolicy`` that is the CPU while the group may be NCCL only: then
+    they go through the current CUDA device (a copy there and back: the offloaded step runs on the
+    CPU and waits for its results anyway)."""
+    import torch.distributed as dist
+
+    op = dist.ReduceOp.SUM if op is None else op
+    if t.device.type == "cpu" and torch.cuda.is_available() and not _reaches_cpu(group):
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=op, group=group)
+        t.copy_(on_gpu)
+    else:
+        dist.all_reduce(t, op=op, group=group)
+
+
+def agree_nonfinite(flags: Tensor, group) -> Tensor:
+    """Every rank's ``flags`` [T] combined by one all-reduce (MAX) over ``group``: [T] bool, True where
+    some shard of tensor i is non-finite."""
+    import torch.distributed as dist
+
+    flags = flags.contiguous()
+    all_reduce(flags, group, dist.ReduceOp.MAX)
+    return flags > 0
+
+
+@contextlib.contextmanager
+def skipping(grads: list[Tensor], skip: Tensor):
+    """While the block runs, the local gradient of every tensor flagged in ``skip`` [T] holds a NaN (its
+    first element), so that the fused kernels skip that tensor here too, as on the rank whose shard is
+    non-finite; the gradients are restored after. On CUDA by ``torch.where`` on every tensor (no host
+    synchronisation), on the CPU only on the flagged ones."""
+    idx = [i for i, g in enumerate(grads) if g.numel() > 0]
+    if not idx:
+        yield
+        return
+    dev = grads[idx[0]].device
+    flags = skip.unbind(0)
+    if dev.type == "cpu":
+        idx = [i for i in idx if bool(flags[i])]
+    firsts = [grads[i][(0,) * grads[i].dim()] for i in idx]
+    saved = [f.clone() for f in firsts]
+    if firsts:
+        nan = torch.full((), float("nan"), device=dev)
+        if dev.type == "cpu":
+            torch._foreach_copy_(firsts, [nan] * len(firsts))
+        else:
+            torch._foreach_copy_(firsts, [torch.where(flags[i], nan, v) for i, v in zip(idx, saved)])
+    try:
+        yield
+    finally:
+        if firsts:
+            torch._foreach_copy_(firsts, saved)
+
+
 # -- the hierarchical optimizer on shards ----------------------------------------------------------
 def reduce_hier_sums(sums: Tensor, params: list[Tensor], specs: list[ShardSpec | None], group,
                      k_stepped: int) -> tuple[Tensor, Tensor]:
     """The per-tensor sums of the whole tensors from those of the local shards (``sums`` [T, C]: the
     fused op's output on the shards, column ``k_stepped`` its stepped flag, and any further columns of
     per-tensor sums), by ONE all-reduce over ``group`` for all tensors. A tensor takes the step when no
-    nonempty shard of it was skipped (a NaN/inf in its gradient there) and it is nonempty; a replicated
-    parameter's sums count once (from the group's rank 0). Returns (sums [T, C] as for whole tensors,
-    stepped [T])."""
+    nonempty shard of it was skipped (a NaN/inf in its gradient there: the kernel skipped it on every
+    rank, see :func:`skipping`) and it is nonempty; a replicated parameter's sums count once (from the
+    group's rank 0). Returns (sums [T, C] as for whole tensors, stepped [T])."""
     import torch.distributed as dist
 
     from ..rules.hierarchical import device_values
@@ -160,7 +320,7 @@ def reduce_hier_sums(sums: Tensor, params: list[Tensor], specs: list[ShardSpec |
     bad = (nonempty & (sums[:, k_stepped] == 0)).to(sums.dtype)
     vec = torch.where(counts[:, None], sums, zero)
     vec[:, k_stepped] = bad
-    dist.all_reduce(vec, group=group)
+    all_reduce(vec, group)
     whole_nonempty = device_values([float(p.numel() > 0) for p in params], sums.dtype, dev) > 0
     stepped = (vec[:, k_stepped] == 0) & whole_nonempty
     vec[:, k_stepped] = stepped.to(sums.dtype)

@@ -72,10 +72,13 @@ class HierarchicalOptimizer(_LearnedOptimizer):
     The problem the network sees is all parameters that have a gradient in a step: its global RNN
     reads their mean tensor state, and the relative log learning rate is against their mean.
 
-    Distributed: under DDP nothing changes. FSDP2 (``fully_shard``: DTensor parameters sharded on dim 0)
-    is stepped on the local shards, with the per-tensor sums reduced by one all-reduce per step on the
-    mesh's process group, so it computes what the unsharded optimizer computes (see
-    :mod:`learnedopt.optim._sharding` and README "Distributed"); other placements raise.
+    Distributed: under DDP nothing changes. FSDP2 and HSDP (``fully_shard``: DTensor parameters sharded
+    on dim 0) are stepped on the local shards, so that it computes what the unsharded optimizer computes
+    (see :mod:`learnedopt.optim._sharding` and README "Distributed"), by **two** all-reduces per step on
+    the process group of the shards' mesh dimension, each for all tensors: the per-tensor "non-finite
+    gradient" flags before the kernel (a NaN/inf in any shard skips that whole tensor on every rank, as
+    unsharded: it must be known before any state is written) and the per-tensor sums after it (needed
+    by the update's RMS, the tensor and global RNNs). Other placements raise.
 
     Gradients: parameters without ``.grad`` are skipped; sparse or complex gradients raise. A
     parameter whose gradient holds a NaN or an inf is **skipped for that step** (neither it nor any of
@@ -211,21 +214,35 @@ class HierarchicalOptimizer(_LearnedOptimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         net = self.net
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(device)
+        if found_inf is not None:
+            found_inf = found_inf.to(device)
         if self._use_fused(device):
             local_params = [_sharding.local(p) for p in params]
+            local_grads = [_sharding.local(g) for g in grads]
             coords = [_sharding.local_view(s["coord"], rows_first=True) for s in states]
-            reduce = None
+            reduce = skipped = None
             if shard_group is not None:
+                # A NaN/inf in any shard of a gradient skips that whole tensor on every rank, as unsharded:
+                # the per-tensor flags are agreed on by an all-reduce BEFORE the kernel writes any state.
+                agreed = _sharding.agree_nonfinite(_sharding.nonfinite_flags(local_grads, grad_scale, found_inf),
+                                                   shard_group)
+                skipped = _sharding.skipping(local_grads, agreed)
                 # Sharded: the kernel steps the local shards with lr = 0 (the coordinates' state and
                 # their partial sums; p - 0 * u leaves p as it is); the sums are reduced by one
                 # collective, then p -= lr / rms(d) * u (fused_step_).
                 def reduce(sums):
                     sums, stepped = _sharding.reduce_hier_sums(sums, params, specs, shard_group, K_STEPPED)
                     return sums.to(cdt), stepped
-            stepped, new_t, new_g, new_log_lr_sums = fused_step_(
-                net, local_params, [_sharding.local(g) for g in grads], coords, tensor_prev, glob, numels,
-                mean_log_lr, self._packed(device), lrs, None if grad_scale is None else grad_scale.to(device),
-                None if found_inf is None else found_inf.to(device), reduce=reduce, max_update_ratios=ratios)
+            args = (net, local_params, local_grads, coords, tensor_prev, glob, numels, mean_log_lr,
+                    self._packed(device), lrs, grad_scale, found_inf)
+            if skipped is None:  # (no context manager: a fullgraph torch.compile of step() stays one graph)
+                stepped, new_t, new_g, new_log_lr_sums = fused_step_(*args, max_update_ratios=ratios)
+            else:
+                with skipped:
+                    stepped, new_t, new_g, new_log_lr_sums = fused_step_(*args, reduce=reduce,
+                                                                         max_update_ratios=ratios)
         else:
             stepped, new_t, new_g, new_log_lr_sums = self._reference_step(params, grads, states, lrs, ratios,
                                                                           tensor_prev, glob, grad_scale, found_inf)

@@ -4,6 +4,7 @@ and meta-training rule are in :mod:`learnedopt.rules.l2l`, its reference step is
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -49,8 +50,10 @@ class L2LOptimizer(_LearnedOptimizer):
             follows ``torch.optim.lr_scheduler``.
         weight_decay: L2 penalty added to the gradient before the network reads it.
 
-    Distributed: under DDP nothing changes; FSDP2 (``fully_shard``) parameters are stepped on their
-    local shards (the step is coordinatewise), with state sharded like them (README "Distributed").
+    Distributed: under DDP nothing changes; FSDP2 and HSDP (``fully_shard``) parameters are stepped on
+    their local shards (the step is coordinatewise), with state sharded like them, bitwise the
+    unsharded result (README "Distributed"). One all-reduce per step (of one flag per sharded tensor)
+    makes a NaN/inf in any shard of a gradient skip that whole tensor on every rank, as unsharded.
 
     Gradients: parameters without ``.grad`` are skipped; sparse or complex gradients raise. A
     parameter whose gradient holds a NaN or an inf is **skipped for that step**: neither it nor its
@@ -109,10 +112,45 @@ class L2LOptimizer(_LearnedOptimizer):
         # optimizer as it was (no state on a device it cannot step on).
         stepped = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         check_gradients("L2LOptimizer", stepped)
+        specs = []
         for p in stepped:
             ops._require(p.device, "L2LOptimizer.step")
             # L2L is coordinatewise: a DTensor (FSDP2) parameter is stepped on its local shard
-            _sharding.shard_spec("L2LOptimizer", _sharding.param_name(self, p), p)
+            specs.append(_sharding.shard_spec("L2LOptimizer", _sharding.param_name(self, p), p))
+        if any(s is not None and s.shard_dim is not None for s in specs):
+            with self._skip_nonfinite_shards(stepped, specs, grad_scale, found_inf):
+                self._step_groups(grad_scale, found_inf)
+        else:  # (no context manager: a fullgraph torch.compile of step() stays one graph)
+            self._step_groups(grad_scale, found_inf)
+        return loss
+
+    def _skip_nonfinite_shards(self, stepped, specs, grad_scale, found_inf):
+        """Unsharded, a NaN/inf anywhere in a gradient skips that whole tensor; sharded, the same: the
+        sharded tensors' per-tensor flags (:func:`learnedopt.optim._sharding.nonfinite_flags`) are agreed
+        on by one all-reduce per process group of their mesh dimension (one in all for FSDP2 and HSDP) before
+        the kernel, which then skips a flagged tensor on every rank. Plain and replicated parameters
+        need nothing (each rank holds the whole tensor)."""
+        by_group: dict = {}
+        wds = {id(p): float(g["weight_decay"]) for g in self.param_groups for p in g["params"]}
+        for p, spec in zip(stepped, specs):
+            if spec is not None and spec.shard_dim is not None:
+                by_group.setdefault((spec.mesh, spec.shard_dim), []).append(p)
+        stack = contextlib.ExitStack()
+        try:
+            for (mesh, dim), ps in by_group.items():
+                grads = [_sharding.local(p.grad) for p in ps]
+                dev = grads[0].device
+                flags = _sharding.nonfinite_flags(grads, None if grad_scale is None else grad_scale.to(dev),
+                                                  None if found_inf is None else found_inf.to(dev),
+                                                  params=[_sharding.local(p) for p in ps],
+                                                  weight_decays=[wds[id(p)] for p in ps])
+                stack.enter_context(_sharding.skipping(grads, _sharding.agree_nonfinite(flags, mesh.get_group(dim))))
+        except BaseException:
+            stack.close()  # the gradients already marked are restored
+            raise
+        return stack
+
+    def _step_groups(self, grad_scale, found_inf) -> None:
         for group in self.param_groups:
             by_device: dict[torch.device, tuple[list, list, list]] = {}
             for p in group["params"]:
@@ -134,7 +172,6 @@ class L2LOptimizer(_LearnedOptimizer):
                     None if grad_scale is None else grad_scale.to(device),
                     None if found_inf is None else found_inf.to(device),
                 )
-        return loss
 
     # -- checkpoints (see _LearnedOptimizer) ----------------------------------------------------
     def _state_dtypes(self, p: Tensor) -> dict[str, torch.dtype]:
