@@ -35,12 +35,12 @@ OUT = ROOT / "eval" / "resnet" / "results.json"
 RUNS = [
     ("r18-1000", "resnet18", 1000, "adam", None),
     ("r18-1000", "resnet18", 1000, "hier-0.01", None),
+    ("r18-early", "resnet18", 200, "hier", None),
     ("r18-early", "resnet18", 200, "hier-0.01", 1e-6),
     ("r18-early", "resnet18", 200, "hier-0.01", 1e-2),
     ("r50-100", "resnet50", 100, "adam", None),
     ("r50-100", "resnet50", 100, "hier-0.01", None),
     ("r50-100", "resnet50", 100, "hier", None),
-    ("r18-1000", "resnet18", 1000, "hier", None),
 ]
 NAMES = {"adam": "Adam", "hier": "hierarchical (defaults)", "hier-0.01": "hierarchical, max_update_ratio 0.01"}
 
@@ -88,12 +88,30 @@ def plot(results: dict) -> None:
         plt.close(fig)
 
 
+def table(results: dict) -> str:
+    """The markdown table of docs/resnet.md."""
+    rows = ["| model | steps | optimizer | lr | first loss | max loss | mean loss | mean, last 10 % | "
+            "held-out accuracy | s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, r in results.items():
+        _, model, steps, method, lr, _seed = k.split("/")
+        L = r["loss"]
+        tail = L[-max(1, len(L) // 10):]
+        rows.append(f"| {model} | {steps} | {NAMES[method]} | {'default' if lr == 'default' else lr} | {L[0]:.3f} | "
+                    f"{r['max_loss']:.3f} | {sum(L) / len(L):.4f} | {sum(tail) / len(tail):.4f} | "
+                    f"{r['heldout_accuracy']:.3f} | {r['seconds']:.0f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default=None, help="one group of RUNS")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--table", action="store_true", help="print the table of the runs made and exit")
     a = ap.parse_args()
+    if a.table:
+        print(table(json.loads(OUT.read_text())))
+        return
     torch.set_num_threads(a.threads)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
