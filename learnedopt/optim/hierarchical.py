@@ -63,7 +63,7 @@ class HierarchicalOptimizer(_LearnedOptimizer):
             itself per step and the loss spiked from 2.5 to 6.8); **use 0.01 for such networks**:
             the step becomes relative to the tensor's scale. It is off by default because on the
             small problems of docs/hierarchical.md (tiny initialisations that must grow, a ResNet
-            without normalisation) it costs 10-200x in final loss. docs/resnet.md has the
+            without normalisation) it raises the final loss 160-15,000x. docs/resnet.md has the
             measurements.
 
     State: ``optimizer.state[p]["coord"]`` (``[32, numel]``: the rows of

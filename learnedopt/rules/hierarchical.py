@@ -83,7 +83,7 @@ GRAD_MAX = 1e18
 # The update-ratio safeguard (see update_ratio_log_scale): a tensor's update RMS is held to at most
 # max_update_ratio × max(RMS of the tensor, UPDATE_RMS_FLOOR); the floor lets zero-initialised tensors
 # (biases) move. DEFAULT_MAX_UPDATE_RATIO is the optimizer's default: off (0), because on the small
-# problems the shipped weights do well on it costs 10-200x in final loss (docs/resnet.md); 0.01 is what
+# problems the shipped weights do well on it raises the final loss 160-15,000x (docs/resnet.md); 0.01 is what
 # makes the shipped weights train a BatchNorm ResNet-18 without the spike.
 DEFAULT_MAX_UPDATE_RATIO = 0.0
 UPDATE_RMS_FLOOR = 1e-2
