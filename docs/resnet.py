@@ -35,12 +35,12 @@ OUT = ROOT / "eval" / "resnet" / "results.json"
 RUNS = [
     ("r18-1000", "resnet18", 1000, "adam", None),
     ("r18-1000", "resnet18", 1000, "hier-0.01", None),
-    ("r18-early", "resnet18", 200, "hier", None),
     ("r18-early", "resnet18", 200, "hier-0.01", 1e-6),
     ("r18-early", "resnet18", 200, "hier-0.01", 1e-2),
     ("r50-100", "resnet50", 100, "adam", None),
     ("r50-100", "resnet50", 100, "hier-0.01", None),
     ("r50-100", "resnet50", 100, "hier", None),
+    ("r18-1000", "resnet18", 1000, "hier", None),
 ]
 NAMES = {"adam": "Adam", "hier": "hierarchical (defaults)", "hier-0.01": "hierarchical, max_update_ratio 0.01"}
 
