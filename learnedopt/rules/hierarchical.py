@@ -527,9 +527,11 @@ def fused_step_(net: HierarchicalNet, params: list[Tensor], grads: list[Tensor],
 
 
 def _sq_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """[T]: the sum of squares of each tensor (0 for an empty one), by one batched foreach norm."""
+    """[T]: the sum of squares of each tensor (0 for an empty one), by one batched foreach norm (in
+    float32 at least: a bfloat16 state's norm would otherwise come back rounded to bfloat16)."""
     nonempty = [t for t in tensors if t.numel()]
-    norms = iter(torch._foreach_norm(nonempty, 2) if nonempty else [])
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in nonempty) else torch.float32
+    norms = iter(torch._foreach_norm(nonempty, 2, dtype=acc) if nonempty else [])
     zero = torch.zeros((), dtype=dtype, device=tensors[0].device)
     return torch.stack([next(norms).to(dtype) ** 2 if t.numel() else zero for t in tensors])
 
