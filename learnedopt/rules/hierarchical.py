@@ -44,7 +44,8 @@ of the old state).
    scales steps by the parameters' RMS; LARS/LAMB by a trust ratio); and since the state keeps the
    lowered learning rate, the next steps start from what was actually taken instead of growing
    past the bound unseen. It is not free: problems that need large relative steps (small
-   initialisations that must grow, ReLU nets without normalisation) train slower under it;
+   initialisations that must grow, ReLU nets without normalisation) train far slower under it
+   (docs/resnet.md);
 7. the tensor GRU and the global GRU advance (their new states bias the next step).
 
 Attention (the Nesterov-like look-ahead of the original, ``attention=True``): the gradient is taken at
