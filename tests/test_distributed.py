@@ -135,17 +135,9 @@ def test_fsdp2_equals_unsharded(fsdp_runs, kind, world):
     shapes = [r["local_shapes"] for r in res]
     assert [s[2][0] for s in shapes] == ([1, 1] if world == 2 else [1, 1, 0])  # the 2-row weight's shards
     assert [s[0][0] for s in shapes] == ([7, 6] if world == 2 else [5, 5, 3])
+    _check_against_unsharded(res, kind)
     for r in res:
-        if kind == "l2l":
-            assert _equal(r["params"], r["ref_params"])
-            _close_states(r["state"], r["ref_state"], atol=0, rtol=0)
-        else:
-            for p, q in zip(r["params"], r["ref_params"]):
-                torch.testing.assert_close(p, q, atol=2e-6, rtol=2e-5)
-            _close_states(r["state"], r["ref_state"], atol=2e-5, rtol=2e-5)
         assert r["calls"] == [CALLS[kind]] * steps
-    for r in res[1:]:
-        assert _equal(r["state"], res[0]["state"])  # the gathered state, the global RNN's included
 
 
 def _check_against_unsharded(res, kind):
@@ -186,12 +178,9 @@ def test_fsdp2_hierarchical_update_ratio_safeguard(fsdp_runs):
     tolerance, the global state bitwise the same on every rank and still the same all-reduces per step
     (its sums ride the sums' one)."""
     res = [r["ratio"] for r in fsdp_runs[2]]
+    _check_against_unsharded(res, "hier")
     for r in res:
-        for p, q in zip(r["params"], r["ref_params"]):
-            torch.testing.assert_close(p, q, atol=2e-6, rtol=2e-5)
-        _close_states(r["state"], r["ref_state"], atol=2e-5, rtol=2e-5)
         assert r["calls"] == [CALLS["hier"]] * 4
-    assert _equal(res[0]["state"], res[1]["state"])
 
 
 def test_fsdp2_hierarchical_bf16_state(fsdp_runs):
